@@ -1,0 +1,662 @@
+"""physim: reference implementation of *Emergence of Computational Structure in a
+Neural Network Physics Simulator* (Hitchcock, Delaney, Manton, Scalzo, Zhu).
+
+Read top to bottom next to the paper:
+  1. Ground-truth simulator ............ §2, Appendix C, Table 3 (Luding 2008 contacts, eq. (6))
+  2. Data ............................... Appendix C (trajectories -> (x_t, x_t+1) pairs)
+  3. The particle transformer ........... Appendix C.1, Fig. 4, Table 4
+  4. Attention-head metrics ............. §2.2 (collision detection score, c(w))
+  5. Training ........................... Table 2, checkpoints, resume
+  6. The model as a simulator ........... Appendix D.2, Fig. 7
+
+Conventions: a particle state is x = [p v] with shape (B, N, 4) (Appendix C, D = 2); positions are in
+units of the particle diameter with the box spanning [0, W] x [0, H]; gravity points along -y.
+Every choice the paper leaves open is marked "free choice" at its line and listed in README.md.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _require(ok: bool, message: str) -> None:
+    """Raise the one clear error a bad config or argument gets."""
+    if not ok:
+        raise ValueError(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Ground-truth simulator (§2, Appendix C, Table 3)
+# ----------------------------------------------------------------------------------------------------
+
+MIN_STEPS_PER_CONTACT = 10  # free choice: Δt must resolve the shortest contact with >= 10 steps
+
+
+@dataclass
+class SimConfig:
+    """The particle system of Table 3, in reduced units (mass and diameter of a particle = 1)."""
+    n_particles: int = 64        # N
+    diameter: float = 1.0
+    mass: float = 1.0
+    dt: float = 0.005            # Δt of eq. (6)
+    stiffness: float = 1000.0    # k, collision spring constant
+    damping: float = 10.0        # γ, collision damping coefficient
+    gravity: float = 9.8         # |g|
+    box_width: float = 28.0
+    box_height: float = 14.0
+    n_steps: int = 1024          # simulated steps per trajectory
+    boundary_spacing: float = 0.25  # free choice: virtual boundary particles every d/4 along the walls
+
+    def __post_init__(self):
+        for name in ("n_particles", "diameter", "mass", "dt", "stiffness", "box_width", "box_height",
+                     "n_steps", "boundary_spacing"):
+            _require(getattr(self, name) > 0, f"SimConfig.{name} must be positive, got {getattr(self, name)}")
+        _require(self.damping >= 0 and self.gravity >= 0,
+                 f"SimConfig.damping and gravity must be >= 0, got {self.damping} and {self.gravity}")
+        # The shortest contact is particle-particle (reduced mass m/2); its undamped half period
+        # π·sqrt(m_r/k) is a lower bound on the contact duration t_c of eq. (C1) below.
+        t_min = math.pi * math.sqrt(0.5 * self.mass / self.stiffness)
+        _require(self.dt <= t_min / MIN_STEPS_PER_CONTACT,
+                 f"SimConfig.dt={self.dt} is too coarse: a contact lasts about {t_min:.4g}, which needs "
+                 f"dt <= {t_min / MIN_STEPS_PER_CONTACT:.4g} ({MIN_STEPS_PER_CONTACT} steps per contact)")
+        # The explicit dashpot is stable only while one step removes less than all relative velocity.
+        _require(self.dt * self.damping / (0.5 * self.mass) < 1,
+                 f"SimConfig.dt={self.dt} is too coarse for damping={self.damping}: need dt*damping/(m/2) < 1")
+        _require(self.n_particles <= lattice_capacity(self),
+                 f"SimConfig.n_particles={self.n_particles} does not fit: the {self.box_width} x "
+                 f"{self.box_height} box holds at most {lattice_capacity(self)} particles without overlap "
+                 f"on the initial lattice")
+
+
+def contact_duration(cfg: SimConfig, reduced_mass: float) -> float:
+    """Closed form (Luding 2008, eq. C1): t_c = π/ω, ω = sqrt(k/m_r − η₀²), η₀ = γ/(2 m_r)."""
+    eta0 = cfg.damping / (2 * reduced_mass)
+    return math.pi / math.sqrt(cfg.stiffness / reduced_mass - eta0 ** 2)
+
+
+def restitution(cfg: SimConfig, reduced_mass: float) -> float:
+    """Closed form (Luding 2008): coefficient of restitution e = exp(−η₀ t_c)."""
+    return math.exp(-cfg.damping / (2 * reduced_mass) * contact_duration(cfg, reduced_mass))
+
+
+def _pair_geometry(p: torch.Tensor, diameter: float):
+    """Pairwise geometry of positions p (..., N, 2).
+
+    Returns unit normals n_ij = (p_i − p_j)/|p_i − p_j| (..., N, N, 2) and overlaps
+    δ_ij = max(0, d − |p_i − p_j|) (..., N, N), with δ_ii = 0.
+    """
+    r = p.unsqueeze(-2) - p.unsqueeze(-3)                          # (..., N, N, 2)
+    dist = r.norm(dim=-1)                                          # (..., N, N)
+    eye = torch.eye(p.shape[-2], dtype=torch.bool, device=p.device)
+    overlap = (diameter - dist).clamp(min=0).masked_fill(eye, 0.0)
+    normal = r / dist.clamp(min=1e-12).unsqueeze(-1)
+    return normal, overlap
+
+
+def _wall_overlaps(p: torch.Tensor, cfg: SimConfig):
+    """Overlaps with the low walls (left, floor) and high walls (right, ceiling), each (..., N, 2)."""
+    radius = cfg.diameter / 2
+    box = p.new_tensor([cfg.box_width, cfg.box_height])
+    return (radius - p).clamp(min=0), (p - (box - radius)).clamp(min=0)
+
+
+def contact_acceleration(p: torch.Tensor, v: torch.Tensor, cfg: SimConfig) -> torch.Tensor:
+    """Acceleration from damped linear spring–dashpot normal contacts (Luding 2008), (B, N, 2).
+
+    Force on i from j while they overlap: f = (k δ_ij − γ v_n) n_ij with v_n = (v_i − v_j)·n_ij.
+    Force convention: the plain linear model, attractive tail kept. Near the end of a damped contact
+    k δ − γ v_n turns slightly negative; we keep it, so the contact ends exactly when δ returns to 0
+    and the closed forms t_c = π/ω and e = exp(−η₀ t_c) hold (tested).
+    Walls (free choice): the four box walls are flat, immovable and act with the same k and γ
+    (reduced mass m) on a particle overlapping them.
+    """
+    normal, overlap = _pair_geometry(p, cfg.diameter)              # (B, N, N, 2), (B, N, N)
+    v_rel = v.unsqueeze(-2) - v.unsqueeze(-3)                      # (B, N, N, 2) v_i − v_j
+    v_n = (v_rel * normal).sum(-1)                                 # (B, N, N)
+    f_mag = (cfg.stiffness * overlap - cfg.damping * v_n) * (overlap > 0)
+    force = (f_mag.unsqueeze(-1) * normal).sum(-2)                 # (B, N, 2)
+    low, high = _wall_overlaps(p, cfg)                             # (B, N, 2) each
+    touching = (low > 0) | (high > 0)
+    force = force + cfg.stiffness * (low - high) - cfg.damping * v * touching
+    return force / cfg.mass
+
+
+def gravity_vector(cfg: SimConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([0.0, -cfg.gravity], device=device, dtype=dtype)
+
+
+def simulate(p: torch.Tensor, v: torch.Tensor, cfg: SimConfig, n_steps: int | None = None):
+    """Integrate B trajectories with semi-implicit Euler, eq. (6): v' = v + Δt(a + g), p' = p + Δt v'.
+
+    p, v: (B, N, 2). Returns positions and velocities of the whole trajectory, each (B, T+1, N, 2),
+    with T = n_steps (default cfg.n_steps); index 0 is the initial state.
+    """
+    _require(p.shape == v.shape and p.dim() == 3 and p.shape[-1] == 2,
+             f"simulate expects p and v of shape (B, N, 2), got {tuple(p.shape)} and {tuple(v.shape)}")
+    n_steps = cfg.n_steps if n_steps is None else n_steps
+    g = gravity_vector(cfg, p.device, p.dtype)
+    ps, vs = [p], [v]
+    for _ in range(n_steps):                                       # time is sequential; all else batched
+        v = v + cfg.dt * (contact_acceleration(p, v, cfg) + g)     # eq. (6)
+        p = p + cfg.dt * v
+        ps.append(p)
+        vs.append(v)
+    return torch.stack(ps, 1), torch.stack(vs, 1)
+
+
+def total_energy(p: torch.Tensor, v: torch.Tensor, cfg: SimConfig) -> torch.Tensor:
+    """Kinetic + gravitational + elastic contact energy (Fig. 7), for states (..., N, 2) -> (...).
+
+    Potential energy is m g y with y = 0 on the floor; each overlapping pair or wall stores ½ k δ².
+    """
+    kinetic = 0.5 * cfg.mass * v.pow(2).sum((-1, -2))
+    gravitational = cfg.mass * cfg.gravity * p[..., 1].sum(-1)
+    _, overlap = _pair_geometry(p, cfg.diameter)
+    low, high = _wall_overlaps(p, cfg)
+    elastic = 0.5 * cfg.stiffness * (0.5 * overlap.pow(2).sum((-1, -2))   # each pair counted twice
+                                     + (low.pow(2) + high.pow(2)).sum((-1, -2)))
+    return kinetic + gravitational + elastic
+
+
+INIT_LATTICE = 1.25  # free choice: initial states sit on a lattice of cells 1.25 d wide, jittered inside
+
+
+def lattice_capacity(cfg: SimConfig) -> int:
+    cell = INIT_LATTICE * cfg.diameter
+    return int(cfg.box_width // cell) * int(cfg.box_height // cell)
+
+
+def random_initial_state(cfg: SimConfig, batch: int, generator: torch.Generator | None = None,
+                         device=None):
+    """B random states inside the box with no two particles overlapping (Appendix C, Table 3).
+
+    Each particle takes a distinct random cell of a lattice of 1.25 d cells and a uniform jitter of
+    ±0.125 d inside it, so centres are >= d apart and >= d/2 from every wall. Velocities ~ N(0, I).
+    Drawn on the CPU with `generator`, then moved to `device`: the same seed gives the same states
+    on every device. Returns p, v, each (B, N, 2).
+    """
+    _require(batch > 0, f"batch must be positive, got {batch}")
+    cell = INIT_LATTICE * cfg.diameter
+    nx, ny = int(cfg.box_width // cell), int(cfg.box_height // cell)
+    offset = torch.tensor([cfg.box_width - nx * cell, cfg.box_height - ny * cell]) / 2 + cell / 2
+    cells = torch.rand(batch, nx * ny, generator=generator).argsort(1)[:, :cfg.n_particles]  # (B, N)
+    centres = torch.stack([cells % nx, cells // nx], -1) * cell + offset                       # (B, N, 2)
+    jitter = (torch.rand(batch, cfg.n_particles, 2, generator=generator) - 0.5) * (cell - cfg.diameter)
+    v = torch.randn(batch, cfg.n_particles, 2, generator=generator)
+    return (centres + jitter).to(device), v.to(device)
+
+
+def boundary_particles(cfg: SimConfig) -> torch.Tensor:
+    """Virtual particles densely along the four walls (Appendix C), (M, 2).
+
+    Spacing (free choice): d/4. The boundary embedding sums over the boundary particles within r = 2 of
+    a particle; at d/4 about 16 of them fall inside that radius for a particle touching a wall, so the
+    sum changes smoothly (by ~1/16 per boundary particle) as the particle slides along the wall.
+    """
+    s, w, h = cfg.boundary_spacing, cfg.box_width, cfg.box_height
+    along_w, along_h = torch.arange(0, w, s), torch.arange(0, h, s)
+    return torch.cat([
+        torch.stack([along_w, torch.zeros_like(along_w)], -1),       # floor, left to right
+        torch.stack([torch.full_like(along_h, w), along_h], -1),     # right wall, upwards
+        torch.stack([w - along_w, torch.full_like(along_w, h)], -1),  # ceiling, right to left
+        torch.stack([torch.zeros_like(along_h), h - along_h], -1),   # left wall, downwards
+    ])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data (Appendix C): trajectories of cfg.n_steps steps become (x_t, x_t+1) pairs
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    """How trajectories become training batches and the held-out metric set."""
+    chunk_trajectories: int = 64   # free choice: trajectories simulated together and shuffled together
+    heldout_trajectories: int = 16  # free choice: the fixed held-out set for the metrics of §2.2 ...
+    heldout_states: int = 256      # ... is this many states drawn uniformly over (trajectory, time)
+    seed: int = 0                  # seeds the data; the held-out set uses a separate, fixed stream
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name != "seed":
+                _require(getattr(self, f.name) > 0, f"DataConfig.{f.name} must be positive")
+
+
+def simulate_states(cfg: SimConfig, n_trajectories: int, seed: int, device=None) -> torch.Tensor:
+    """Simulate n seeded trajectories; returns states x = [p v] of shape (n, T+1, N, 4)."""
+    g = torch.Generator().manual_seed(seed)
+    p, v = simulate(*random_initial_state(cfg, n_trajectories, g, device), cfg)
+    return torch.cat([p, v], -1)
+
+
+class TrainingStream:
+    """Fresh (x_t, x_t+1) training pairs, never reused (Appendix C: "the model never sees the same
+    data sample more than once").
+
+    Chunk k holds `chunk_trajectories` new trajectories (seeded by (seed, k)) cut into all their
+    pairs and shuffled; a batch is a slice of its chunk. Batch `step` is therefore a pure function of
+    (seed, step), which is what makes an interrupted run resume exactly. The remainder of a chunk that
+    does not fill a whole batch is dropped.
+    """
+
+    def __init__(self, sim: SimConfig, data: DataConfig, batch_size: int, device=None):
+        self.sim, self.data, self.batch_size, self.device = sim, data, batch_size, device
+        self.batches_per_chunk = data.chunk_trajectories * sim.n_steps // batch_size
+        _require(self.batches_per_chunk > 0, "a data chunk must hold at least one batch")
+        self._chunk_index, self._states, self._order = -1, None, None
+
+    def batch(self, step: int):
+        chunk, offset = divmod(step, self.batches_per_chunk)
+        if chunk != self._chunk_index:
+            seed = 1_000_003 * (self.data.seed + 1) + chunk
+            self._states = simulate_states(self.sim, self.data.chunk_trajectories, seed, self.device)
+            n_pairs = self.data.chunk_trajectories * self.sim.n_steps
+            self._order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed))
+            self._chunk_index = chunk
+        idx = self._order[offset * self.batch_size:(offset + 1) * self.batch_size].to(self._states.device)
+        traj, t = idx // self.sim.n_steps, idx % self.sim.n_steps
+        return self._states[traj, t], self._states[traj, t + 1]    # (B, N, 4) each
+
+
+def heldout_set(sim: SimConfig, data: DataConfig, device=None):
+    """The fixed, seeded held-out set: trajectories (n, T+1, N, 4) and metric states (S, N, 4) with
+    their successors (S, N, 4). Independent of the training seed, so runs are compared on one set."""
+    states = simulate_states(sim, data.heldout_trajectories, seed=987_654_321, device=device)
+    g = torch.Generator().manual_seed(123_456_789)
+    traj = torch.randint(data.heldout_trajectories, (data.heldout_states,), generator=g).to(states.device)
+    t = torch.randint(sim.n_steps, (data.heldout_states,), generator=g).to(states.device)
+    return states, states[traj, t], states[traj, t + 1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The particle transformer (Appendix C.1, Fig. 4, Table 4)
+# ----------------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of Table 4, plus the free choices the paper leaves open."""
+    n_blocks: int = 4               # L
+    n_heads: int = 8
+    embed_dim: int = 128            # E
+    boundary_radius: float = 2.0    # r of the radial mask
+    activation: str = "relu"        # σ
+    mlp_ratio: int = 4              # free choice: block MLP width 4E, as in most transformers
+    pos_scale: float = 7.0          # free choice: the model sees p / 7 (half the box height) ...
+    vel_scale: float = 3.0          # ... and v / 3 (a typical speed), inputs of order 1
+    acc_scale: float = 100.0        # free choice: a = 100 * (W_u x + c_u); contact accelerations are ~10-500
+
+    def __post_init__(self):
+        for name in ("n_blocks", "n_heads", "embed_dim", "boundary_radius", "mlp_ratio", "pos_scale",
+                     "vel_scale", "acc_scale"):
+            _require(getattr(self, name) > 0, f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        _require(self.embed_dim % self.n_heads == 0,
+                 f"ModelConfig.embed_dim={self.embed_dim} must be divisible by n_heads={self.n_heads}")
+        _require(self.activation in ACTIVATIONS,
+                 f"ModelConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int, activation: str) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), ACTIVATIONS[activation](), nn.Linear(d_hidden, d_out))
+
+
+class ParticleAttention(nn.Module):
+    """Multi-head attention between particles (Phuong & Hutter 2022, Alg. 5) in which a particle never
+    attends to itself and a zero key/value is appended (PyTorch's add_zero_attn), so the attention
+    a particle gives to other particles may total less than one.
+
+    Parameter layout is PyTorch's nn.MultiheadAttention: head h owns rows {s·E + h·E/H ... + E/H}
+    (s = 0, 1, 2 for q, k, v) of in_proj and columns h·E/H ... (h+1)·E/H of out_proj.
+    """
+
+    def __init__(self, embed_dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)   # fused W_q, W_k, W_v
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor):
+        B, N, E = x.shape
+        H = self.n_heads
+        q, k, v = self.in_proj(x).view(B, N, 3, H, E // H).permute(2, 0, 3, 1, 4)  # (B, H, N, E/H) each
+        logits = q @ k.transpose(-1, -2) / math.sqrt(E // H)                        # (B, H, N, N)
+        self_pair = torch.eye(N, dtype=torch.bool, device=x.device)
+        logits = logits.masked_fill(self_pair, float("-inf"))                       # never attend to self
+        logits = torch.cat([logits, logits.new_zeros(B, H, N, 1)], -1)              # zero key: q·0 = 0
+        attn = logits.softmax(-1)                                                   # (B, H, N, N+1)
+        out = attn[..., :N] @ v                                                     # zero value adds 0
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, E)), attn
+
+
+class Block(nn.Module):
+    """Fig. 4: x + MHA(LN(x)), then x + MLP(LN(x)) (pre-layer-norm: free choice of placement)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.embed_dim
+        self.ln_attn, self.ln_mlp = nn.LayerNorm(E), nn.LayerNorm(E)
+        self.attn = ParticleAttention(E, cfg.n_heads)
+        self.mlp = _mlp(E, cfg.mlp_ratio * E, E, cfg.activation)
+
+    def forward(self, x: torch.Tensor):
+        a, attn = self.attn(self.ln_attn(x))
+        x = x + a
+        return x + self.mlp(self.ln_mlp(x)), attn
+
+
+class ParticleTransformer(nn.Module):
+    """The model of Appendix C.1 / Fig. 4: state (B, N, 4) -> predicted next state (B, N, 4).
+
+    forward(x, return_attention=True) also returns every head's attention weights, (L, B, H, N, N+1),
+    where slot N is the appended zero key. It is the same forward pass that is trained.
+    """
+
+    def __init__(self, cfg: ModelConfig, sim: SimConfig):
+        super().__init__()
+        self.cfg, self.sim = cfg, sim
+        E = cfg.embed_dim
+        self.embed = _mlp(4, E, E, cfg.activation)                 # x'_i = W_e2 σ(W_e1 x_i + c_e1) + c_e2
+        self.boundary_embed = _mlp(2, E, E, cfg.activation)        # W_b2 σ(W_b1 b_j + c_b1) + c_b2
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.ln_final = nn.LayerNorm(E)
+        self.unembed = nn.Linear(E, 2)                             # a_i = W_u x_i^(L) + c_u
+        self.register_buffer("boundary", boundary_particles(sim), persistent=False)  # (M, 2)
+        self.register_buffer("gravity", gravity_vector(sim), persistent=False)       # (2,)
+
+    def acceleration(self, x: torch.Tensor, return_attention: bool = False):
+        """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)]."""
+        p, v = x[..., :2], x[..., 2:]
+        cfg = self.cfg
+        h = self.embed(torch.cat([p / cfg.pos_scale, v / cfg.vel_scale], -1))      # (B, N, E)
+        near = (torch.cdist(p, self.boundary) < cfg.boundary_radius).to(h.dtype)  # radial mask (B, N, M)
+        h = h + near @ self.boundary_embed(self.boundary / cfg.pos_scale)         # x^(0) = x' + b'
+        attention = []
+        for block in self.blocks:
+            h, attn = block(h)
+            attention.append(attn)
+        a = cfg.acc_scale * self.unembed(self.ln_final(h))                       # (B, N, 2)
+        return (a, torch.stack(attention)) if return_attention else a
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        a, attention = self.acceleration(x, return_attention=True)
+        v = x[..., 2:] + self.sim.dt * (a + self.gravity)                         # eq. (6)
+        p = x[..., :2] + self.sim.dt * v
+        x_next = torch.cat([p, v], -1)
+        return (x_next, attention) if return_attention else x_next
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Attention-head metrics (§2.2)
+# ----------------------------------------------------------------------------------------------------
+
+COLLISION_RADIUS = 1.1  # free choice: "a small, fixed radius" = 1.1 d (touching, or within 10% of it)
+
+
+@torch.no_grad()
+def attention_weights(model: ParticleTransformer, states: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Every head's attention on states (S, N, 4), in chunks: (L, S, H, N, N+1)."""
+    return torch.cat([model(s, return_attention=True)[1] for s in states.split(chunk)], 1)
+
+
+def collision_detection_score(attn: torch.Tensor, positions: torch.Tensor,
+                              radius: float = COLLISION_RADIUS) -> torch.Tensor:
+    """Expected attention a head gives to particles within `radius` of the query particle (§2.2).
+
+    attn (..., S, H, N, N+1), positions (S, N, 2) -> (..., H). The expectation runs over states and
+    over the query particles that have at least one particle within the radius; queries with none are
+    left out (they cannot attend to a neighbour, and counting them would cap every head below 1).
+    """
+    N = positions.shape[-2]
+    dist = torch.cdist(positions, positions)                                     # (S, N, N)
+    near = (dist < radius) & ~torch.eye(N, dtype=torch.bool, device=dist.device)
+    has_near = near.any(-1)                                                      # (S, N)
+    mass = (attn[..., :N] * near.unsqueeze(-3)).sum(-1)                          # (..., S, H, N)
+    mass = mass * has_near.unsqueeze(-2)
+    return mass.sum((-1, -3)) / has_near.sum().clamp(min=1)
+
+
+def attention_distance_correlation(attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """c(w) = 1/(N²−N) Σ_{i≠j} corr(d_ij, α_ij(w)) (§2.2), per head: (..., S, H, N, N+1) -> (..., H).
+
+    Each corr is taken over the S states separately for the pair (i, j), then averaged over pairs.
+    A pair whose attention never varies has no correlation and is left out of the average.
+    """
+    N = positions.shape[-2]
+    d = torch.cdist(positions, positions).unsqueeze(-3)                          # (S, 1, N, N)
+    a = attn[..., :N]                                                            # (..., S, H, N, N)
+    dc, ac = d - d.mean(-4, keepdim=True), a - a.mean(-4, keepdim=True)
+    cov = (dc * ac).mean(-4)                                                     # (..., H, N, N)
+    std = dc.pow(2).mean(-4).sqrt() * ac.pow(2).mean(-4).sqrt()
+    corr = cov / std                                                             # nan where std = 0
+    corr = corr.masked_fill(torch.eye(N, dtype=torch.bool, device=corr.device), float("nan"))
+    return corr.nanmean((-1, -2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training (Table 2)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Training of Table 2, and the checkpoint schedule (free choice)."""
+    steps: int = 64_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0                 # one seed per run: model init and data
+    log_checkpoints: int = 64     # free choice: checkpoints at log-spaced steps 1 ... steps (early training) ...
+    even_checkpoints: int = 250   # ... united with evenly spaced ones (late training), plus step 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "lr", "log_checkpoints", "even_checkpoints"):
+            _require(getattr(self, name) > 0, f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        _require(self.weight_decay >= 0, f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def checkpoint_steps(cfg: TrainConfig) -> list[int]:
+    """Union of log-spaced and evenly spaced steps, and 0. On log axes the log-spaced steps cover the
+    fast early dynamics evenly, and the evenly spaced ones keep the late power-law regimes (which
+    the paper fits over tens of thousands of steps, Table 5) densely sampled."""
+    log_spaced = torch.logspace(0, math.log10(cfg.steps), cfg.log_checkpoints, dtype=torch.float64)
+    even = torch.linspace(0, cfg.steps, cfg.even_checkpoints + 1, dtype=torch.float64)
+    return sorted({0, *log_spaced.round().long().tolist(), *even.round().long().tolist()})
+
+
+def next_state_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Table 2 / Appendix B: mean squared error between the predicted and the true next state."""
+    return F.mse_loss(model(x), y)
+
+
+class Progress:
+    """One status line with rate and ETA, redrawn at most every `every` seconds (stderr)."""
+
+    def __init__(self, label: str, total: int, start: int = 0, every: float = 2.0, stream=sys.stderr):
+        self.label, self.total, self.start, self.every, self.stream = label, total, start, every, stream
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, note: str = "", force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        self.stream.write(f"\r{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%) "
+                          f"{_fmt_time(now - self.t0)} elapsed, ETA {_fmt_time(eta)} {note}   ")
+        if done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write via a temporary file and rename, so an interruption never leaves half a file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    _atomic_write(path, write)
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer, step: int, configs: dict, history: dict) -> None:
+    """A self-describing checkpoint: configs, step, model, optimiser, RNG state and metric history."""
+    state = {"configs": configs, "step": step, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "history": history}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(ckpt: dict, device=None) -> ParticleTransformer:
+    """Rebuild the trained model a checkpoint describes."""
+    model = ParticleTransformer(ModelConfig(**ckpt["configs"]["model"]), SimConfig(**ckpt["configs"]["sim"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
+    return os.path.join(ckpt_dir, names[-1]) if names else None
+
+
+@torch.no_grad()
+def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torch.Tensor):
+    """§2.2 metrics of every head on the held-out states, and the held-out loss.
+    Returns (collision score (L, H), correlation c (L, H), held-out next-state MSE)."""
+    was_training = model.training
+    model.eval()
+    attn = attention_weights(model, states)                                    # (L, S, H, N, N+1)
+    positions = states[..., :2]
+    score = collision_detection_score(attn, positions)
+    corr = attention_distance_correlation(attn, positions)
+    loss = sum(next_state_loss(model, x, y) * len(x)
+               for x, y in zip(states.split(64), targets.split(64))) / len(states)
+    model.train(was_training)
+    return score, corr, float(loss)
+
+
+def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+          data_cfg: DataConfig, device="cpu", stop_at: int | None = None, label: str = "train"):
+    """Train one run (Table 2) into run_dir, resuming from its latest checkpoint.
+
+    At every step of checkpoint_steps(train_cfg) it evaluates the §2.2 metrics of every head on the
+    held-out set, saves a checkpoint and rewrites run_dir/metrics.csv (step, layer, head,
+    collision_score, correlation) and run_dir/losses.csv. `stop_at` ends the call after the
+    checkpoint at that step (a later call resumes). Returns the model.
+    """
+    configs = {"sim": asdict(sim), "model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    torch.manual_seed(train_cfg.seed)
+    model = ParticleTransformer(model_cfg, sim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    history = {"metrics": [], "losses": []}
+    start = 0
+    resume = latest_checkpoint(run_dir)
+    if resume:
+        ckpt = load_checkpoint(resume, map_location=device)
+        _require(ckpt["configs"] == configs,
+                 f"{run_dir} holds a run with a different configuration; choose another output folder")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, history = ckpt["step"], ckpt["history"]
+    schedule = [s for s in checkpoint_steps(train_cfg) if s >= start]
+    stream = TrainingStream(sim, data_cfg, train_cfg.batch_size, device)
+    _, heldout_x, heldout_y = heldout_set(sim, data_cfg, device)
+    progress = Progress(label, train_cfg.steps, start)
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    model.train()
+    for step in range(start, train_cfg.steps + 1):
+        if step == schedule[0] and not (resume and step == start):
+            schedule.pop(0)
+            score, corr, heldout_loss = head_metrics(model, heldout_x, heldout_y)
+            history["metrics"] += [
+                {"step": step, "layer": l, "head": h, "collision_score": float(score[l, h]),
+                 "correlation": float(corr[l, h])}
+                for l in range(model_cfg.n_blocks) for h in range(model_cfg.n_heads)]
+            history["losses"].append({"step": step, "train_loss": float(loss_sum) / max(loss_count, 1)
+                                      if loss_count else float("nan"), "heldout_loss": heldout_loss})
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+            save_checkpoint(checkpoint_path(run_dir, step), model, optimizer, step, configs, history)
+            _write_csv(os.path.join(run_dir, "metrics.csv"), history["metrics"])
+            _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
+            progress.update(step, f"held-out loss {heldout_loss:.3g}, best collision score "
+                                  f"{float(score.max()):.2f}", force=step == train_cfg.steps)
+        elif step == schedule[0]:
+            schedule.pop(0)                     # the checkpoint we resumed from
+        if step == train_cfg.steps or step == stop_at:
+            break
+        x, y = stream.batch(step)
+        loss = next_state_loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+        progress.update(step + 1)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The model as a simulator (Appendix D.2, Fig. 7)
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def rollout(model: ParticleTransformer, x0: torch.Tensor, n_steps: int) -> torch.Tensor:
+    """Apply the model to its own output: x_{n+1} = f(x_n; w). x0 (B, N, 4) -> (B, n_steps+1, N, 4)."""
+    xs = [x0]
+    for _ in range(n_steps):
+        xs.append(model(xs[-1]))
+    return torch.stack(xs, 1)
+
+
+@torch.no_grad()
+def evaluate_simulator(model: ParticleTransformer, n_states: int = 16, n_steps: int = 1000,
+                       seed: int = 2024) -> dict:
+    """Appendix D.2: roll the model out from ground-truth initial states and compare with the truth.
+
+    Returns per-step mean total energy of the ground truth and of the model (Fig. 7), the mean
+    position error of the rollout per step, and the mean one-step position error on true states.
+    """
+    model.eval()
+    sim = model.sim
+    device = next(model.parameters()).device
+    truth = simulate_states(sim, n_states, seed, device)[:, :n_steps + 1]             # (B, T+1, N, 4)
+    pred = rollout(model, truth[:, 0], truth.shape[1] - 1)                            # (B, T+1, N, 4)
+    one_step = torch.cat([model(x) for x in truth[:, :-1].flatten(0, 1).split(256)])  # (B*T, N, 4)
+    one_step_err = (one_step[..., :2] - truth[:, 1:].flatten(0, 1)[..., :2]).norm(dim=-1).mean()
+    return {
+        "energy_true": total_energy(truth[..., :2], truth[..., 2:], sim).mean(0).tolist(),
+        "energy_model": total_energy(pred[..., :2], pred[..., 2:], sim).mean(0).tolist(),
+        "rollout_position_error": (pred[..., :2] - truth[..., :2]).norm(dim=-1).mean((0, 2)).tolist(),
+        "one_step_position_error": float(one_step_err),
+    }
