@@ -68,9 +68,10 @@ class SimConfig:
         _require(self.dt <= t_min / MIN_STEPS_PER_CONTACT,
                  f"SimConfig.dt={self.dt} is too coarse: a contact lasts about {t_min:.4g}, which needs "
                  f"dt <= {t_min / MIN_STEPS_PER_CONTACT:.4g} ({MIN_STEPS_PER_CONTACT} steps per contact)")
-        # The explicit dashpot is stable only while one step removes less than all relative velocity.
-        _require(self.dt * self.damping / (0.5 * self.mass) < 1,
-                 f"SimConfig.dt={self.dt} is too coarse for damping={self.damping}: need dt*damping/(m/2) < 1")
+        _require(self.damping ** 2 < 2 * self.stiffness * self.mass,
+                 f"SimConfig.damping={self.damping} overdamps particle contacts (needs damping² < 2 k m = "
+                 f"{2 * self.stiffness * self.mass:.4g}): the closed forms t_c, e have no meaning and "
+                 f"touching particles would never separate")
         _require(self.n_particles <= lattice_capacity(self),
                  f"SimConfig.n_particles={self.n_particles} does not fit: the {self.box_width} x "
                  f"{self.box_height} box holds at most {lattice_capacity(self)} particles without overlap "
@@ -222,18 +223,18 @@ class DataConfig:
     chunk_trajectories: int = 64   # free choice: trajectories simulated together and shuffled together
     heldout_trajectories: int = 16  # free choice: the fixed held-out set for the metrics of §2.2 ...
     heldout_states: int = 256      # ... is this many states drawn uniformly over (trajectory, time)
-    seed: int = 0                  # seeds the data; the held-out set uses a separate, fixed stream
 
     def __post_init__(self):
         for f in fields(self):
-            if f.name != "seed":
-                _require(getattr(self, f.name) > 0, f"DataConfig.{f.name} must be positive")
+            _require(getattr(self, f.name) > 0, f"DataConfig.{f.name} must be positive")
 
 
-def simulate_states(cfg: SimConfig, n_trajectories: int, seed: int, device=None) -> torch.Tensor:
-    """Simulate n seeded trajectories; returns states x = [p v] of shape (n, T+1, N, 4)."""
+def simulate_states(cfg: SimConfig, n_trajectories: int, seed: int, device=None,
+                    n_steps: int | None = None) -> torch.Tensor:
+    """Simulate n seeded trajectories of T = n_steps (default cfg.n_steps) steps; returns states
+    x = [p v] of shape (n, T+1, N, 4)."""
     g = torch.Generator().manual_seed(seed)
-    p, v = simulate(*random_initial_state(cfg, n_trajectories, g, device), cfg)
+    p, v = simulate(*random_initial_state(cfg, n_trajectories, g, device), cfg, n_steps)
     return torch.cat([p, v], -1)
 
 
@@ -247,8 +248,8 @@ class TrainingStream:
     does not fill a whole batch is dropped.
     """
 
-    def __init__(self, sim: SimConfig, data: DataConfig, batch_size: int, device=None):
-        self.sim, self.data, self.batch_size, self.device = sim, data, batch_size, device
+    def __init__(self, sim: SimConfig, data: DataConfig, batch_size: int, seed: int, device=None):
+        self.sim, self.data, self.batch_size, self.seed, self.device = sim, data, batch_size, seed, device
         self.batches_per_chunk = data.chunk_trajectories * sim.n_steps // batch_size
         _require(self.batches_per_chunk > 0, "a data chunk must hold at least one batch")
         self._chunk_index, self._states, self._order = -1, None, None
@@ -256,7 +257,7 @@ class TrainingStream:
     def batch(self, step: int):
         chunk, offset = divmod(step, self.batches_per_chunk)
         if chunk != self._chunk_index:
-            seed = 1_000_003 * (self.data.seed + 1) + chunk
+            seed = 1_000_003 * (self.seed + 1) + chunk
             self._states = simulate_states(self.sim, self.data.chunk_trajectories, seed, self.device)
             n_pairs = self.data.chunk_trajectories * self.sim.n_steps
             self._order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed))
@@ -292,8 +293,8 @@ class ModelConfig:
     boundary_radius: float = 2.0    # r of the radial mask
     activation: str = "relu"        # σ
     mlp_ratio: int = 4              # free choice: block MLP width 4E, as in most transformers
-    pos_scale: float = 7.0          # free choice: the model sees p / 7 (half the box height) ...
-    vel_scale: float = 3.0          # ... and v / 3 (a typical speed), inputs of order 1
+    pos_scale: float = 7.0          # free choice: the model sees (p − box centre) / 7 (half the box height) ...
+    vel_scale: float = 3.0          # ... and v / 3 (a typical speed): inputs of order 1, centred on 0
     acc_scale: float = 100.0        # free choice: a = 100 * (W_u x + c_u); contact accelerations are ~10-500
 
     def __post_init__(self):
@@ -372,14 +373,19 @@ class ParticleTransformer(nn.Module):
         self.unembed = nn.Linear(E, 2)                             # a_i = W_u x_i^(L) + c_u
         self.register_buffer("boundary", boundary_particles(sim), persistent=False)  # (M, 2)
         self.register_buffer("gravity", gravity_vector(sim), persistent=False)       # (2,)
+        self.register_buffer("centre", torch.tensor([sim.box_width, sim.box_height]) / 2, persistent=False)
 
     def acceleration(self, x: torch.Tensor, return_attention: bool = False):
         """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)]."""
         p, v = x[..., :2], x[..., 2:]
         cfg = self.cfg
-        h = self.embed(torch.cat([p / cfg.pos_scale, v / cfg.vel_scale], -1))      # (B, N, E)
+        h = self.embed(torch.cat([(p - self.centre) / cfg.pos_scale, v / cfg.vel_scale], -1))  # (B, N, E)
         near = (torch.cdist(p, self.boundary) < cfg.boundary_radius).to(h.dtype)  # radial mask (B, N, M)
-        h = h + near @ self.boundary_embed(self.boundary / cfg.pos_scale)         # x^(0) = x' + b'
+        # b'_i = Σ_j 1(|p_i − b_j| < r) MLP_b(b_j). Free choice: each term is weighted by the spacing s, so
+        # the sum approximates a line integral along the wall and does not grow with the density of
+        # boundary particles (at s = d/4 a plain sum of ~14 terms swamps the particle's own embedding).
+        boundary = self.sim.boundary_spacing * near @ self.boundary_embed((self.boundary - self.centre) / cfg.pos_scale)
+        h = h + boundary                                                          # x^(0) = x' + b'
         attention = []
         for block in self.blocks:
             h, attn = block(h)
@@ -453,7 +459,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
-    seed: int = 0                 # one seed per run: model init and data
+    seed: int = 0                 # one seed per run: it seeds the model's initialisation and the data
     log_checkpoints: int = 64     # free choice: checkpoints at log-spaced steps 1 ... steps (early training) ...
     even_checkpoints: int = 250   # ... united with evenly spaced ones (late training), plus step 0
 
@@ -571,8 +577,9 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
 
     At every step of checkpoint_steps(train_cfg) it evaluates the §2.2 metrics of every head on the
     held-out set, saves a checkpoint and rewrites run_dir/metrics.csv (step, layer, head,
-    collision_score, correlation) and run_dir/losses.csv. `stop_at` ends the call after the
-    checkpoint at that step (a later call resumes). Returns the model.
+    collision_score, correlation) and run_dir/losses.csv. `stop_at` (a checkpoint step) ends the call
+    after the checkpoint at that step, e.g. to split a run over time-limited jobs; a later call resumes.
+    Returns the model.
     """
     configs = {"sim": asdict(sim), "model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -590,8 +597,10 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         start, history = ckpt["step"], ckpt["history"]
+    _require(stop_at is None or stop_at in checkpoint_steps(train_cfg),
+             f"stop_at={stop_at} must be one of the checkpoint steps, so that the work up to it is saved")
     schedule = [s for s in checkpoint_steps(train_cfg) if s >= start]
-    stream = TrainingStream(sim, data_cfg, train_cfg.batch_size, device)
+    stream = TrainingStream(sim, data_cfg, train_cfg.batch_size, train_cfg.seed, device)
     _, heldout_x, heldout_y = heldout_set(sim, data_cfg, device)
     progress = Progress(label, train_cfg.steps, start)
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -650,7 +659,7 @@ def evaluate_simulator(model: ParticleTransformer, n_states: int = 16, n_steps: 
     model.eval()
     sim = model.sim
     device = next(model.parameters()).device
-    truth = simulate_states(sim, n_states, seed, device)[:, :n_steps + 1]             # (B, T+1, N, 4)
+    truth = simulate_states(sim, n_states, seed, device, n_steps)                     # (B, T+1, N, 4)
     pred = rollout(model, truth[:, 0], truth.shape[1] - 1)                            # (B, T+1, N, 4)
     one_step = torch.cat([model(x) for x in truth[:, :-1].flatten(0, 1).split(256)])  # (B*T, N, 4)
     one_step_err = (one_step[..., :2] - truth[:, 1:].flatten(0, 1)[..., :2]).norm(dim=-1).mean()

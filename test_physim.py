@@ -1,0 +1,607 @@
+"""Tests for physim.py.
+
+What is checked, section by section of physim.py:
+  1. Simulator: head-on contacts reproduce the closed-form contact duration and restitution
+     (Luding 2008), energy is conserved without damping and never created with it, random initial
+     states and boundary particles are laid out as documented.
+  2. Data: the training stream is a pure function of (seed, step) and serves true simulator pairs.
+  3. Model: permutation equivariance and the shape/normalisation of the attention weights.
+  4. Metrics: both head metrics agree with slow, obviously correct loop references.
+  5. Training: the loss goes down, the CSVs are right, an interrupted run resumes bit-identically,
+     checkpoints load with weights_only=True, bad configs raise one clear ValueError.
+  6. The model as a simulator: rollout and evaluate_simulator shapes.
+
+Physics tests run in float64 (fixture `float64`); everything uses tiny configs so the file runs in
+about 25 s on two CPU cores.
+"""
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import physim as P
+
+# Every tensor here is tiny: one intra-op thread is fastest and avoids OpenMP threads spinning
+# against each other on a busy machine (which made the training tests ~25x slower on 2 cores).
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------------------------------
+# Shared fixtures and tiny configs
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def float64():
+    """Run one test with float64 as the default dtype, restoring the previous default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+TINY_MODEL = P.ModelConfig(n_blocks=2, n_heads=2, embed_dim=16)
+
+# The training run shared by the training, resume and checkpoint tests (float32, as in real use).
+TRAIN_SIM = P.SimConfig(n_particles=16, n_steps=64, box_width=10.0, box_height=6.0)
+TRAIN_CFG = P.TrainConfig(steps=100, batch_size=8, log_checkpoints=4, even_checkpoints=2)
+TRAIN_DATA = P.DataConfig(chunk_trajectories=4, heldout_trajectories=2, heldout_states=32)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One uninterrupted tiny training run: (run_dir, returned model)."""
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    model = P.train(run_dir, TRAIN_SIM, TINY_MODEL, TRAIN_CFG, TRAIN_DATA)
+    return run_dir, model
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Ground-truth simulator
+# ----------------------------------------------------------------------------------------------------
+
+def closed_form_contact(k, gamma, reduced_mass):
+    """Luding 2008: t_c = π/ω, ω = sqrt(k/m_r − η₀²), η₀ = γ/(2 m_r); e = exp(−η₀ t_c)."""
+    eta0 = gamma / (2 * reduced_mass)
+    omega = math.sqrt(k / reduced_mass - eta0 ** 2)
+    t_c = math.pi / omega
+    return t_c, math.exp(-eta0 * t_c)
+
+
+# (stiffness, damping, mass, diameter): the paper's values, and a stiffer-damped, heavier, larger
+# particle so that no constant 1 for mass or diameter can hide in the code.
+CONTACT_PARAMS = [(1000.0, 10.0, 1.0, 1.0), (1000.0, 20.0, 2.0, 1.5)]
+CONTACT_KINDS = ["pair", "left_wall", "right_wall", "floor", "ceiling"]
+
+
+@pytest.mark.parametrize("k, gamma, mass, diameter", CONTACT_PARAMS)
+@pytest.mark.parametrize("kind", CONTACT_KINDS)
+def test_head_on_contact_matches_closed_form(float64, kind, k, gamma, mass, diameter):
+    # Proves the contact force, its reduced mass (m/2 for pairs, m for walls) and the kept attractive
+    # tail (contact ends when the overlap returns to 0): a single head-on contact lasts t_c and
+    # leaves with restitution e within 2 %. Clamping the force at 0 would change e by > 10 %.
+    dt = 2e-5
+    width, height = 8 * diameter, 6 * diameter
+    n_particles = 2 if kind == "pair" else 1
+    cfg = P.SimConfig(n_particles=n_particles, gravity=0.0, dt=dt, stiffness=k, damping=gamma,
+                      mass=mass, diameter=diameter, box_width=width, box_height=height)
+    # Start just short of contact, moving into it at unit normal speed; a tangential drift of 0.3
+    # (shared by both particles of a pair, so their line of centres stays along x) must survive.
+    gap = 1e-3 * diameter
+    r = diameter / 2
+    start = {
+        "pair": ([[width / 2 - r - gap / 2, height / 2], [width / 2 + r + gap / 2, height / 2]],
+                 [[1.0, 0.3], [-1.0, 0.3]]),
+        "left_wall": ([[r + gap, height / 2]], [[-1.0, 0.3]]),
+        "right_wall": ([[width - r - gap, height / 2]], [[1.0, 0.3]]),
+        "floor": ([[width / 2, r + gap]], [[0.3, -1.0]]),
+        "ceiling": ([[width / 2, height - r - gap]], [[0.3, 1.0]]),
+    }[kind]
+    p0, v0 = torch.tensor([start[0]]), torch.tensor([start[1]])
+    reduced_mass = mass / 2 if kind == "pair" else mass
+
+    t_c, e = closed_form_contact(k, gamma, reduced_mass)
+    assert P.contact_duration(cfg, reduced_mass) == pytest.approx(t_c, rel=1e-12)
+    assert P.restitution(cfg, reduced_mass) == pytest.approx(e, rel=1e-12)
+
+    ps, vs = P.simulate(p0, v0, cfg, n_steps=int(1.2 * t_c / dt) + 100)
+    ps, vs = ps[0], vs[0]                                            # (T+1, N, 2)
+    axis = 1 if kind in ("floor", "ceiling") else 0                  # the contact normal: x or y
+    if kind == "pair":
+        overlapping = (ps[:, 0] - ps[:, 1]).norm(dim=-1) < diameter
+        normal_velocity = vs[:, 0, 0] - vs[:, 1, 0]                  # relative velocity along x
+    else:
+        coordinate = ps[:, 0, axis]
+        if kind in ("left_wall", "floor"):
+            overlapping = coordinate < r
+        else:
+            overlapping = coordinate > (width if axis == 0 else height) - r
+        normal_velocity = vs[:, 0, axis]
+
+    steps_in_contact = torch.nonzero(overlapping).flatten()
+    assert len(steps_in_contact) > 0, "the particles never touched"
+    # exactly one contact, and it is over at the end (no sticking, no second contact)
+    assert torch.equal(steps_in_contact, torch.arange(steps_in_contact[0], steps_in_contact[-1] + 1))
+    assert not overlapping[-1]
+
+    measured_t_c = len(steps_in_contact) * dt
+    measured_e = abs(float(normal_velocity[-1])) / abs(float(normal_velocity[0]))
+    assert measured_t_c == pytest.approx(t_c, rel=0.02)
+    assert measured_e == pytest.approx(e, rel=0.02)
+    # the contact force is purely normal (frictionless): the tangential velocity is untouched
+    tangential = 1 - axis
+    assert torch.allclose(vs[:, :, tangential], v0[:, :, tangential], rtol=0, atol=1e-12)
+
+
+def _count_contact_onsets(ps, cfg):
+    """Number of new particle-particle contacts and new wall contacts along a trajectory (T+1, N, 2)."""
+    dist = torch.cdist(ps, ps)
+    n = ps.shape[-2]
+    pair_contact = (dist < cfg.diameter) & ~torch.eye(n, dtype=torch.bool)
+    pair_onsets = (pair_contact[1:] & ~pair_contact[:-1]).sum() // 2     # each pair appears twice
+    r = cfg.diameter / 2
+    box = torch.tensor([cfg.box_width, cfg.box_height])
+    wall_contact = (ps < r) | (ps > box - r)
+    wall_onsets = (wall_contact[1:] & ~wall_contact[:-1]).sum()
+    return int(pair_onsets), int(wall_onsets)
+
+
+def test_energy_conserved_without_damping(float64):
+    # Proves contact forces and total_energy are consistent (a conservative spring, elastic energy
+    # ½kδ² counted once per pair and per wall): with γ = 0 and g = 0 the total energy stays within
+    # 1 % through dozens of collisions. Semi-implicit Euler conserves only a shadow energy, whose
+    # difference from E is O(ω Δt) during contacts: about 0.6 % at Δt = 5e-4, ω = sqrt(2000).
+    cfg = P.SimConfig(n_particles=12, gravity=0.0, damping=0.0, dt=5e-4, box_width=5.0, box_height=5.0)
+    p, v = P.random_initial_state(cfg, 1, torch.Generator().manual_seed(0))
+    ps, vs = P.simulate(p, v, cfg, n_steps=6000)                     # 3 time units
+    energy = P.total_energy(ps, vs, cfg)[0]                          # (T+1,)
+
+    pair_onsets, wall_onsets = _count_contact_onsets(ps[0], cfg)
+    assert pair_onsets >= 30 and wall_onsets >= 10, (pair_onsets, wall_onsets)
+    assert torch.all((energy / energy[0] - 1).abs() < 0.01)
+
+
+def test_energy_never_rises_with_damping_and_gravity(float64):
+    # Proves the dashpot (walls and pairs) only removes energy: with the paper's k, γ, g the total
+    # energy never rises by more than 1e-5 of its initial value in one step (integration noise at
+    # Δt = 1e-3 is ~1e-6), and after 3 time units of collisions it has dropped by more than 40 %.
+    cfg = P.SimConfig(n_particles=12, dt=1e-3, box_width=5.0, box_height=5.0)
+    p, v = P.random_initial_state(cfg, 1, torch.Generator().manual_seed(0))
+    ps, vs = P.simulate(p, v, cfg, n_steps=3000)
+    energy = P.total_energy(ps, vs, cfg)[0]
+
+    pair_onsets, _ = _count_contact_onsets(ps[0], cfg)
+    assert pair_onsets >= 20
+    assert float((energy[1:] - energy[:-1]).max()) <= 1e-5 * float(energy[0])
+    assert float(energy[-1]) < 0.6 * float(energy[0])
+
+
+@pytest.mark.parametrize("diameter", [1.0, 2.0])
+def test_random_initial_state(float64, diameter):
+    # Proves initial states are valid (no overlaps, inside the box at >= d/2 from every wall),
+    # velocities are standard normal (loose check on 2048 samples), and seeding is reproducible.
+    cfg = P.SimConfig(n_particles=16, diameter=diameter, box_width=10.0 * diameter,
+                      box_height=6.0 * diameter)
+    p, v = P.random_initial_state(cfg, 64, torch.Generator().manual_seed(1))
+    assert p.shape == v.shape == (64, 16, 2)
+
+    dist = torch.cdist(p, p) + torch.eye(16) * 1e9                   # ignore self-distances
+    assert float(dist.min()) >= diameter - 1e-9
+    r = diameter / 2
+    assert float(p[..., 0].min()) >= r - 1e-9 and float(p[..., 0].max()) <= cfg.box_width - r + 1e-9
+    assert float(p[..., 1].min()) >= r - 1e-9 and float(p[..., 1].max()) <= cfg.box_height - r + 1e-9
+    # the lattice is actually used: particles spread across the box, not clumped in one corner
+    assert float(p[..., 0].max() - p[..., 0].min()) > cfg.box_width / 2
+
+    assert abs(float(v.mean())) < 0.1
+    assert abs(float(v.std()) - 1.0) < 0.1
+
+    p2, v2 = P.random_initial_state(cfg, 64, torch.Generator().manual_seed(1))
+    assert torch.equal(p, p2) and torch.equal(v, v2)
+    p3, _ = P.random_initial_state(cfg, 64, torch.Generator().manual_seed(2))
+    assert not torch.equal(p, p3)
+
+
+def test_boundary_particles_lie_on_the_walls_with_stated_spacing(float64):
+    # Proves the virtual boundary particles cover all four walls, exactly on them, once each, and
+    # that walking around the perimeter every step is boundary_spacing long (including corners).
+    cfg = P.SimConfig(n_particles=4, box_width=5.0, box_height=3.0, boundary_spacing=0.25)
+    b = P.boundary_particles(cfg)
+    w, h, s = cfg.box_width, cfg.box_height, cfg.boundary_spacing
+    assert b.shape == (round(2 * (w + h) / s), 2)
+
+    on_vertical = (b[:, 0] == 0) | (b[:, 0] == w)
+    on_horizontal = (b[:, 1] == 0) | (b[:, 1] == h)
+    assert torch.all(on_vertical | on_horizontal)
+    assert torch.all((b[:, 0] >= 0) & (b[:, 0] <= w) & (b[:, 1] >= 0) & (b[:, 1] <= h))
+    for wall in (b[:, 0] == 0, b[:, 0] == w, b[:, 1] == 0, b[:, 1] == h):
+        assert int(wall.sum()) > 0
+    assert len(torch.unique(b, dim=0)) == len(b)
+
+    steps = (b - b.roll(-1, 0)).norm(dim=-1)                       # consecutive, closing the loop
+    assert torch.allclose(steps, torch.full_like(steps, s), atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data
+# ----------------------------------------------------------------------------------------------------
+
+STREAM_SIM = P.SimConfig(n_particles=4, n_steps=8, box_width=5.0, box_height=5.0)
+STREAM_DATA = P.DataConfig(chunk_trajectories=2)            # 16 pairs a chunk: 4 batches of 4
+
+
+def test_training_stream_is_a_pure_function_of_seed_and_step(float64):
+    # Proves batch(step) depends only on (seed, step): two fresh streams queried in different
+    # orders, across a chunk boundary (steps 3 | 4), give identical batches; a chunk serves each
+    # of its pairs exactly once; another seed gives other data.
+    a = P.TrainingStream(STREAM_SIM, STREAM_DATA, batch_size=4, seed=3)
+    b = P.TrainingStream(STREAM_SIM, STREAM_DATA, batch_size=4, seed=3)
+    assert a.batches_per_chunk == 4
+    steps = [0, 1, 2, 3, 4, 5, 8]
+    in_order = {s: a.batch(s) for s in steps}
+    shuffled = {s: b.batch(s) for s in reversed(steps)}
+    for s in steps:
+        assert torch.equal(in_order[s][0], shuffled[s][0]) and torch.equal(in_order[s][1], shuffled[s][1])
+
+    first_chunk = torch.cat([in_order[s][0] for s in range(4)])      # (16, N, 4)
+    assert len(torch.unique(first_chunk.flatten(1), dim=0)) == 16    # no pair served twice
+    assert not torch.equal(in_order[0][0], in_order[4][0])           # next chunk holds new data
+
+    other_seed = P.TrainingStream(STREAM_SIM, STREAM_DATA, batch_size=4, seed=4)
+    assert not torch.equal(other_seed.batch(0)[0], in_order[0][0])
+
+
+def test_training_pairs_are_consecutive_simulator_states(float64):
+    # Proves y is one simulator step from x (not some other time offset or trajectory).
+    stream = P.TrainingStream(STREAM_SIM, STREAM_DATA, batch_size=4, seed=3)
+    for step in (0, 5):
+        x, y = stream.batch(step)
+        assert x.shape == y.shape == (4, 4, 4)
+        ps, vs = P.simulate(x[..., :2], x[..., 2:], STREAM_SIM, n_steps=1)
+        assert torch.allclose(torch.cat([ps[:, 1], vs[:, 1]], -1), y, rtol=0, atol=1e-12)
+        assert not torch.allclose(x, y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The particle transformer
+# ----------------------------------------------------------------------------------------------------
+
+def _tiny_model_and_state(n_particles=6, batch=2, seed=0):
+    sim = P.SimConfig(n_particles=n_particles, box_width=5.0, box_height=5.0)
+    torch.manual_seed(seed)
+    model = P.ParticleTransformer(TINY_MODEL, sim).eval()
+    p, v = P.random_initial_state(sim, batch, torch.Generator().manual_seed(seed))
+    return model, torch.cat([p, v], -1)
+
+
+def test_model_is_permutation_equivariant(float64):
+    # Proves particles are treated as a set: permuting the input permutes the prediction, and the
+    # attention of every head is permuted in both the query and key index, the zero slot staying last.
+    model, x = _tiny_model_and_state()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        y, attn = model(x, return_attention=True)
+        y_perm, attn_perm = model(x[:, perm], return_attention=True)
+    assert torch.allclose(y_perm, y[:, perm], atol=1e-10)
+    key_perm = torch.cat([perm, torch.tensor([6])])                  # zero slot (index N) stays last
+    expected = attn[..., perm, :][..., key_perm]
+    assert torch.allclose(attn_perm, expected, atol=1e-10)
+    assert not torch.allclose(attn_perm, attn, atol=1e-3)           # the permutation did something
+
+
+def test_attention_shape_normalisation_and_self_mask():
+    # Proves the attention is (L, B, H, N, N+1), every row (zero slot included) sums to 1, a particle
+    # never attends to itself, and the zero slot really takes some mass.
+    model, x = _tiny_model_and_state(n_particles=5, batch=3)
+    with torch.no_grad():
+        _, attn = model(x, return_attention=True)
+    L, H, N = TINY_MODEL.n_blocks, TINY_MODEL.n_heads, 5
+    assert attn.shape == (L, 3, H, N, N + 1)
+    assert torch.allclose(attn.sum(-1), torch.ones(L, 3, H, N), atol=1e-6)
+    assert torch.all(attn[..., torch.arange(N), torch.arange(N)] == 0)
+    assert torch.all(attn[..., N] > 0)
+    assert torch.all(attn >= 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Attention-head metrics
+# ----------------------------------------------------------------------------------------------------
+
+def reference_collision_score(attn, positions, radius=P.COLLISION_RADIUS, skip_isolated=True):
+    """Loop reference: mean over (state, query with a neighbour within radius) of the attention that
+    query gives to its neighbours. attn (L, S, H, N, N+1), positions (S, N, 2) -> (L, H)."""
+    L, S, H, N, _ = attn.shape
+    scores = np.zeros((L, H))
+    for l in range(L):
+        for h in range(H):
+            total, count = 0.0, 0
+            for s in range(S):
+                for i in range(N):
+                    neighbours = [j for j in range(N) if j != i
+                                  and np.linalg.norm(positions[s, i] - positions[s, j]) < radius]
+                    if not neighbours and skip_isolated:
+                        continue
+                    total += sum(attn[l, s, h, i, j] for j in neighbours)
+                    count += 1
+            scores[l, h] = total / count
+    return scores
+
+
+def reference_correlation(attn, positions):
+    """Loop reference: for each pair i != j the correlation over states of d_ij and α_ij, averaged
+    over the pairs (pairs with constant attention are skipped). (L, S, H, N, N+1) -> (L, H)."""
+    L, S, H, N, _ = attn.shape
+    dist = np.linalg.norm(positions[:, :, None] - positions[:, None], axis=-1)   # (S, N, N)
+    result = np.zeros((L, H))
+    for l in range(L):
+        for h in range(H):
+            corrs = []
+            for i in range(N):
+                for j in range(N):
+                    if i != j and np.std(attn[l, :, h, i, j]) > 0:
+                        corrs.append(np.corrcoef(dist[:, i, j], attn[l, :, h, i, j])[0, 1])
+            result[l, h] = np.mean(corrs)
+    return result
+
+
+def _random_metric_inputs(seed=0, L=2, S=12, H=3, N=7):
+    """Random positions in a 4 x 4 box (some pairs touching, some particles isolated) and random
+    attention rows: softmax over N + 1 slots with the self slot at exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.rand(S, N, 2, generator=g, dtype=torch.float64) * 4
+    logits = torch.randn(L, S, H, N, N + 1, generator=g, dtype=torch.float64) * 2
+    logits[..., torch.arange(N), torch.arange(N)] = float("-inf")
+    return logits.softmax(-1), positions
+
+
+def test_metrics_agree_with_loop_references():
+    # Proves both vectorised metrics equal the slow references, including the rule that queries
+    # without any neighbour within the radius are left out of the collision score.
+    attn, positions = _random_metric_inputs()
+    dist = torch.cdist(positions, positions) + torch.eye(positions.shape[1]) * 1e9   # no self pairs
+    has_near = (dist < P.COLLISION_RADIUS).any(-1)
+    assert has_near.any() and not has_near.all()                     # both kinds of queries occur
+
+    a, pos = attn.numpy(), positions.numpy()
+    expected_score = reference_collision_score(a, pos)
+    # the input is one where leaving isolated queries out matters
+    assert np.abs(expected_score - reference_collision_score(a, pos, skip_isolated=False)).min() > 1e-3
+    assert np.allclose(P.collision_detection_score(attn, positions).numpy(), expected_score,
+                       rtol=0, atol=1e-12)
+    assert np.allclose(P.attention_distance_correlation(attn, positions).numpy(),
+                       reference_correlation(a, pos), rtol=0, atol=1e-12)
+
+
+def test_collision_score_extremes():
+    # Proves the score's range: all mass on touching particles scores 1 (isolated queries put theirs
+    # on the zero slot and are left out), all mass on the zero slot scores 0.
+    _, positions = _random_metric_inputs()
+    S, N = positions.shape[:2]
+    dist = torch.cdist(positions, positions)
+    near = ((dist < P.COLLISION_RADIUS) & ~torch.eye(N, dtype=torch.bool)).to(torch.float64)
+    n_near = near.sum(-1, keepdim=True)                               # (S, N, 1)
+    on_neighbours = torch.where(n_near > 0, near / n_near.clamp(min=1), 0.0)
+    zero_slot = (n_near == 0).to(torch.float64)
+    attn = torch.cat([on_neighbours, zero_slot], -1)[:, None]        # (S, H=1, N, N+1)
+    assert torch.allclose(attn.sum(-1), torch.ones(S, 1, N, dtype=torch.float64))
+    assert float(P.collision_detection_score(attn, positions)) == pytest.approx(1.0, abs=1e-12)
+
+    all_on_zero_slot = torch.zeros(S, 1, N, N + 1, dtype=torch.float64)
+    all_on_zero_slot[..., N] = 1.0
+    assert float(P.collision_detection_score(all_on_zero_slot, positions)) == 0.0
+
+
+def test_correlation_is_per_pair_then_averaged():
+    # Proves c(w) averages per-pair correlations over states rather than pooling all pairs: three
+    # particles jitter around fixed spots, so each pair has its own typical distance; the attention
+    # is an increasing linear function of distance for every pair (each per-pair correlation is +1)
+    # but with pair offsets that fall with the typical distance, so the pooled correlation is < 0.
+    g = torch.Generator().manual_seed(0)
+    S, N = 8, 3
+    spots = torch.tensor([[0.5, 1.0], [2.0, 1.0], [4.5, 1.0]], dtype=torch.float64)
+    positions = spots + (torch.rand(S, N, 2, generator=g, dtype=torch.float64) - 0.5) * 0.6
+    dist = torch.cdist(positions, positions)                          # (S, N, N)
+    alpha = 0.45 - 0.1 * dist.mean(0, keepdim=True) + 0.02 * dist
+    alpha = alpha.masked_fill(torch.eye(N, dtype=torch.bool), 0.0)
+    assert torch.all(alpha >= 0) and torch.all(alpha.sum(-1) <= 1)
+    attn = torch.cat([alpha, 1 - alpha.sum(-1, keepdim=True)], -1)[:, None]   # (S, H=1, N, N+1)
+
+    off_diagonal = ~torch.eye(N, dtype=torch.bool)
+    pooled = np.corrcoef(dist[:, off_diagonal].flatten().numpy(), alpha[:, off_diagonal].flatten().numpy())[0, 1]
+    assert pooled < 0                                                 # the two definitions differ here
+    assert float(P.attention_distance_correlation(attn, positions)) == pytest.approx(1.0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training, checkpoints, configs
+# ----------------------------------------------------------------------------------------------------
+
+def test_short_training_lowers_loss_and_writes_csvs(trained_run):
+    # Proves training learns (held-out loss at the end well below step 0, train loss falling) and
+    # that metrics.csv / losses.csv hold one row per checkpoint (x layer x head) with the right columns.
+    run_dir, _ = trained_run
+    schedule = P.checkpoint_steps(TRAIN_CFG)
+    L, H = TINY_MODEL.n_blocks, TINY_MODEL.n_heads
+
+    losses = read_csv(os.path.join(run_dir, "losses.csv"))
+    assert list(losses[0]) == ["step", "train_loss", "heldout_loss"]
+    assert [int(row["step"]) for row in losses] == schedule
+    heldout = [float(row["heldout_loss"]) for row in losses]
+    train_loss = [float(row["train_loss"]) for row in losses]
+    assert math.isnan(train_loss[0])                                 # no training before step 0
+    assert heldout[-1] < 0.2 * heldout[0]                            # ~0.03 observed
+    assert train_loss[-1] < train_loss[1]
+
+    metrics = read_csv(os.path.join(run_dir, "metrics.csv"))
+    assert list(metrics[0]) == ["step", "layer", "head", "collision_score", "correlation"]
+    assert len(metrics) == len(schedule) * L * H
+    assert [(int(r["step"]), int(r["layer"]), int(r["head"])) for r in metrics] == \
+        [(s, l, h) for s in schedule for l in range(L) for h in range(H)]
+    for row in metrics:
+        assert 0.0 <= float(row["collision_score"]) <= 1.0
+        assert -1.0 <= float(row["correlation"]) <= 1.0
+
+    for step in schedule:
+        assert os.path.exists(P.checkpoint_path(run_dir, step))
+
+
+def test_interrupted_run_resumes_bit_identically(trained_run, tmp_path):
+    # Proves an interrupted run (stop_at a checkpoint, then a second call) ends in exactly the same
+    # weights and CSVs as the uninterrupted run, and that resuming under another config is refused.
+    run_dir, model = trained_run
+    resumed_dir = str(tmp_path / "resumed")
+    stop = P.checkpoint_steps(TRAIN_CFG)[3]
+    assert 0 < stop < TRAIN_CFG.steps
+
+    P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, TRAIN_CFG, TRAIN_DATA, stop_at=stop)
+    assert P.latest_checkpoint(resumed_dir) == P.checkpoint_path(resumed_dir, stop)
+    assert max(int(r["step"]) for r in read_csv(os.path.join(resumed_dir, "metrics.csv"))) == stop
+
+    resumed = P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, TRAIN_CFG, TRAIN_DATA)
+    expected, got = model.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    for name in ("metrics.csv", "losses.csv"):
+        with open(os.path.join(run_dir, name)) as f1, open(os.path.join(resumed_dir, name)) as f2:
+            assert f1.read() == f2.read(), name
+
+    other = P.TrainConfig(steps=100, batch_size=8, lr=2e-3, log_checkpoints=4, even_checkpoints=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, other, TRAIN_DATA)
+
+
+def test_checkpoints_load_weights_only_and_rebuild_the_model(trained_run):
+    # Proves a checkpoint loads with weights_only=True and model_from_checkpoint rebuilds the exact
+    # trained model (same outputs as the model train returned).
+    run_dir, model = trained_run
+    path = P.latest_checkpoint(run_dir)
+    assert path == P.checkpoint_path(run_dir, TRAIN_CFG.steps)
+    torch.load(path, weights_only=True)                              # raises if anything is unsafe
+    ckpt = P.load_checkpoint(path)
+    assert ckpt["step"] == TRAIN_CFG.steps
+
+    rebuilt = P.model_from_checkpoint(ckpt)
+    _, x, _ = P.heldout_set(TRAIN_SIM, TRAIN_DATA)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x[:8]), model(x[:8]))
+    # and it is not just any model: a fresh one predicts something else
+    torch.manual_seed(123)
+    fresh = P.ParticleTransformer(TINY_MODEL, TRAIN_SIM).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x[:8]), model(x[:8]))
+
+
+def test_checkpoint_steps_schedule():
+    # Proves the schedule holds 0 and the last step, is sorted and unique, is dense early (log
+    # spacing: no gap wider than the log ratio allows) and evenly spaced late (every multiple of
+    # steps / even_checkpoints is present).
+    cfg = P.TrainConfig(steps=64_000, log_checkpoints=64, even_checkpoints=250)
+    steps = P.checkpoint_steps(cfg)
+    assert steps[0] == 0 and steps[-1] == cfg.steps
+    assert steps == sorted(set(steps))
+    assert all(isinstance(s, int) for s in steps)
+
+    even_spacing = cfg.steps // cfg.even_checkpoints                 # 256
+    assert set(range(0, cfg.steps + 1, even_spacing)) <= set(steps)
+    log_ratio = cfg.steps ** (1 / (cfg.log_checkpoints - 1))         # ~1.19
+    for a, b in zip(steps[1:], steps[2:]):
+        assert b <= max(a * log_ratio, a + even_spacing) + 1, (a, b)
+    assert sum(1 <= s <= 100 for s in steps) >= 15                   # dense early
+    assert steps[1:4] == [1, 2, 3]
+
+
+BAD_ARGUMENTS = [  # (what is wrong, the call, what the error message must say)
+    ("zero mass", lambda: P.SimConfig(mass=0.0), "mass must be positive"),
+    ("negative mass", lambda: P.SimConfig(mass=-1.0), "mass must be positive"),
+    ("zero diameter", lambda: P.SimConfig(diameter=0.0), "diameter must be positive"),
+    ("negative box width", lambda: P.SimConfig(box_width=-5.0), "box_width must be positive"),
+    ("zero box height", lambda: P.SimConfig(box_height=0.0), "box_height must be positive"),
+    ("no particles", lambda: P.SimConfig(n_particles=0), "n_particles must be positive"),
+    ("dt 10x the paper's", lambda: P.SimConfig(dt=0.05), "dt=0.05 is too coarse"),
+    ("< 10 steps a contact", lambda: P.SimConfig(dt=0.01), "dt=0.01 is too coarse: a contact lasts"),
+    ("negative damping", lambda: P.SimConfig(damping=-1.0), "damping and gravity must be >= 0"),
+    ("negative gravity", lambda: P.SimConfig(gravity=-9.8), "damping and gravity must be >= 0"),
+    ("too many particles", lambda: P.SimConfig(n_particles=500), "does not fit"),
+    ("too small a box", lambda: P.SimConfig(n_particles=17, box_width=5.0, box_height=5.0), "does not fit"),
+    ("heads do not divide E", lambda: P.ModelConfig(embed_dim=10, n_heads=4), "divisible by n_heads"),
+    ("unknown activation", lambda: P.ModelConfig(activation="swish"), "activation must be one of"),
+    ("no blocks", lambda: P.ModelConfig(n_blocks=0), "n_blocks must be positive"),
+    ("no training steps", lambda: P.TrainConfig(steps=0), "steps must be positive"),
+    ("negative weight decay", lambda: P.TrainConfig(weight_decay=-0.1), "weight_decay must be >= 0"),
+    ("empty data chunk", lambda: P.DataConfig(chunk_trajectories=0), "chunk_trajectories must be positive"),
+    ("empty batch of states", lambda: P.random_initial_state(P.SimConfig(), 0), "batch must be positive"),
+    ("batch larger than a chunk",
+     lambda: P.TrainingStream(STREAM_SIM, P.DataConfig(chunk_trajectories=1), batch_size=9, seed=0), "at least one batch"),
+    ("simulate without batch dim",
+     lambda: P.simulate(torch.zeros(3, 2), torch.zeros(3, 2), STREAM_SIM, 1), "expects p and v of shape"),
+    ("simulate p, v mismatch",
+     lambda: P.simulate(torch.zeros(1, 3, 2), torch.zeros(1, 4, 2), STREAM_SIM, 1), "expects p and v of shape"),
+    ("simulate 3-d positions",
+     lambda: P.simulate(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), STREAM_SIM, 1), "expects p and v of shape"),
+]
+
+
+@pytest.mark.parametrize("make, match", [pytest.param(make, match, id=name) for name, make, match in BAD_ARGUMENTS])
+def test_bad_configs_and_arguments_raise_one_clear_value_error(make, match):
+    # Proves each bad config or argument is caught up front with a ValueError naming the problem.
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_overdamped_contacts_are_rejected():
+    # Proves SimConfig refuses damping at or above critical for a particle pair (γ² >= 4 k m_r with
+    # m_r = m/2, i.e. γ >= sqrt(2 k m) ≈ 44.7 for the paper's k and m). There the closed forms have
+    # no real ω (contact_duration fails with a bare "math domain error") and, with the attractive
+    # tail kept, the overlap only decays towards 0: touching particles never separate again.
+    with pytest.raises(ValueError, match="damping"):
+        P.SimConfig(damping=50.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The model as a simulator
+# ----------------------------------------------------------------------------------------------------
+
+def test_rollout_applies_the_model_to_its_own_output():
+    # Proves rollout returns (B, T+1, N, 4), starts at x0 and chains the model's one-step predictions.
+    model, x0 = _tiny_model_and_state(n_particles=4, batch=2)
+    xs = P.rollout(model, x0, n_steps=3)
+    assert xs.shape == (2, 4, 4, 4)
+    assert torch.equal(xs[:, 0], x0)
+    with torch.no_grad():
+        assert torch.allclose(xs[:, 2], model(model(x0)), atol=1e-6)
+
+
+def test_evaluate_simulator_keys_and_lengths():
+    # Proves evaluate_simulator returns per-step lists of length n_steps + 1 (errors start at 0, the
+    # truth's energy is the simulator's) and a scalar one-step error, on an untrained tiny model.
+    sim = P.SimConfig(n_particles=4, n_steps=8, box_width=5.0, box_height=5.0)
+    torch.manual_seed(0)
+    model = P.ParticleTransformer(TINY_MODEL, sim)
+    result = P.evaluate_simulator(model, n_states=2, n_steps=5, seed=7)
+    assert set(result) == {"energy_true", "energy_model", "rollout_position_error", "one_step_position_error"}
+    for key in ("energy_true", "energy_model", "rollout_position_error"):
+        assert len(result[key]) == 6, key
+    assert result["rollout_position_error"][0] == 0.0
+    assert result["rollout_position_error"][-1] > 0.0
+    assert isinstance(result["one_step_position_error"], float) and result["one_step_position_error"] > 0
+
+    truth = P.simulate_states(sim, 2, seed=7)[:, :6]
+    expected_energy = P.total_energy(truth[..., :2], truth[..., 2:], sim).mean(0)
+    assert np.allclose(result["energy_true"], expected_energy.numpy(), rtol=1e-6)
+
+
+def test_evaluate_simulator_honours_n_steps_beyond_trajectory_length():
+    # Proves a rollout of n_steps is compared with n_steps of truth even when n_steps exceeds the
+    # training trajectory length sim.n_steps (the default n_steps=1000 is used with any sim).
+    sim = P.SimConfig(n_particles=4, n_steps=3, box_width=5.0, box_height=5.0)
+    torch.manual_seed(0)
+    model = P.ParticleTransformer(TINY_MODEL, sim)
+    result = P.evaluate_simulator(model, n_states=2, n_steps=5, seed=7)
+    assert len(result["rollout_position_error"]) == 6
