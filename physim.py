@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -669,3 +670,202 @@ def evaluate_simulator(model: ParticleTransformer, n_states: int = 16, n_steps: 
         "rollout_position_error": (pred[..., :2] - truth[..., :2]).norm(dim=-1).mean((0, 2)).tolist(),
         "one_step_position_error": float(one_step_err),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The parameter-restricted local learning coefficient by SGLD (§2.3, Appendix B, Table 1)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LLCConfig:
+    """SGLD hyperparameters of Table 1."""
+    step_size: float = 0.00075   # ε
+    localization: float = 1.0    # γ, strength of the Gaussian prior centred at w₀
+    nbeta: float = 1385.0        # nβ, the gradient factor β̃
+    batch_size: int = 256        # m
+    steps: int = 10_000          # T
+    burn_in: int = 9_000         # B
+    chains: int = 8              # C (Fig. 1); Section D.5 uses 4
+    seed: int = 0                # chain c draws its noise and data from seed + c
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name not in ("seed", "burn_in"):
+                _require(getattr(self, f.name) > 0, f"LLCConfig.{f.name} must be positive, got {getattr(self, f.name)}")
+        _require(0 <= self.burn_in <= self.steps - 4,
+                 f"LLCConfig.burn_in={self.burn_in} must leave at least 4 of the {self.steps} steps to average")
+
+
+@dataclass
+class LLCResult:
+    """One estimate of eq. (3). Chains flagged unhealthy are left out of `llc` and `llc_stderr`."""
+    llc: float                   # mean λ̂ over the healthy chains (nan if none)
+    llc_stderr: float            # standard error of that mean (nan with fewer than 2 healthy chains)
+    chain_llc: list              # λ̂ of every chain
+    init_loss: list              # every chain's estimate of L_n(w₀)
+    health: list                 # every chain's verdict: "healthy", or why not
+    traces: torch.Tensor         # (C, T) L_m(w_t) of every chain, on the CPU
+    final_params: dict           # name -> (C, *shape): the sampled tensors after the last step
+    config: LLCConfig
+
+
+def head_parameters(model: ParticleTransformer, block: int, head: int) -> dict:
+    """The parameters of one attention head as {name: boolean mask}: its rows of the fused q, k, v
+    in-projection (weight and bias) and its columns of the out-projection (see ParticleAttention)."""
+    _require(0 <= block < model.cfg.n_blocks and 0 <= head < model.cfg.n_heads,
+             f"no head {block}-{head} in a model of {model.cfg.n_blocks} blocks x {model.cfg.n_heads} heads")
+    E, H = model.cfg.embed_dim, model.cfg.n_heads
+    dh = E // H
+    rows = torch.zeros(3 * E, dtype=torch.bool)
+    for s in range(3):                                   # q, k, v thirds of in_proj
+        rows[s * E + head * dh:s * E + (head + 1) * dh] = True
+    cols = torch.zeros(E, dtype=torch.bool)
+    cols[head * dh:(head + 1) * dh] = True
+    prefix = f"blocks.{block}.attn."
+    return {prefix + "in_proj.weight": rows[:, None].expand(3 * E, E).clone(),
+            prefix + "in_proj.bias": rows,
+            prefix + "out_proj.weight": cols[None, :].expand(E, E).clone()}
+
+
+def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """Data source for estimate_llc from a fixed dataset: seed -> endless random minibatches
+    (drawn with replacement)."""
+    def batches(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            idx = torch.randint(len(x), (batch_size,), generator=g).to(x.device)
+            yield x[idx], y[idx]
+    return batches
+
+
+def simulator_batches(sim: SimConfig, data: DataConfig, batch_size: int, device=None):
+    """Data source for estimate_llc on the physics model: seed -> endless fresh (x_t, x_t+1) batches,
+    never reused (Appendix B.2), from a TrainingStream of its own."""
+    def batches(seed: int):
+        stream = TrainingStream(sim, data, batch_size, seed=10_000_019 + seed, device=device)
+        step = 0
+        while True:
+            yield stream.batch(step)
+            step += 1
+    return batches
+
+
+def chain_health(trace: torch.Tensor, init_loss: float, burn_in: int) -> str:
+    """Automatic verdict on one chain's loss trace (T,), cf. Appendix B.2.1:
+    - diverged: a non-finite loss, or the loss running away (its mean over the last tenth of the
+      steps exceeds L(w₀) by more than 10x the excess over the second half of burn-in);
+    - not stationary: the two halves of the post-burn-in trace have means that differ by more than
+      4 standard errors (batch means of 10 batches per half, which absorbs autocorrelation);
+    - negative: the post-burn-in mean lies below L(w₀), so λ̂ < 0."""
+    if not torch.isfinite(trace).all():
+        return "diverged (non-finite loss)"
+    T = len(trace)
+    late = trace[-max(T // 10, 1):].mean() - init_loss
+    settled = trace[burn_in // 2:max(burn_in, burn_in // 2 + 1)].mean() - init_loss
+    if late > 10 * max(float(settled), 0.0) and late > 0 and burn_in > 1:
+        return "diverged (loss running away)"
+    post = trace[burn_in:]
+    half = len(post) // 2
+    means, errors = [], []
+    for part in (post[:half], post[half:2 * half]):
+        batch_means = part[:len(part) // 10 * 10].view(10, -1).mean(1) if len(part) >= 10 else part
+        means.append(part.mean())
+        errors.append(batch_means.std() / math.sqrt(len(batch_means)))
+    if abs(means[0] - means[1]) > 4 * math.hypot(errors[0], errors[1]):
+        return "not stationary after burn-in"
+    if post.mean() < init_loss:
+        return "negative (mean loss below L(w0))"
+    return "healthy"
+
+
+def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LLCConfig(),
+                 label: str | None = None):
+    """Estimate the local learning coefficient restricted to some parameters, eq. (3)-(5).
+
+    model      any nn.Module, left unchanged; called as it is (call .eval() first if it has dropout).
+    criterion  criterion(model(inputs), targets) -> mean loss L_m over the minibatch.
+    data       seed -> endless iterator of minibatches (inputs, targets) of cfg.batch_size samples;
+               see dataset_batches and simulator_batches. Chain c reads data(cfg.seed + c).
+    subsets    {parameter name: boolean mask of that tensor's shape, or None for all of it}: the
+               parameters sampled; every other parameter stays at w₀ and gets no noise. A list of
+               such dicts estimates several subsets (e.g. heads) at once, returning a list.
+
+    All subsets x chains run in one vmap'd forward and backward per step. Each chain runs SGLD, eq. (5):
+        Δw = −ε/2 · (γ (w − w₀) + nβ ∇L_m(w)) + N(0, ε),   on the selected entries only,
+    and λ̂ = nβ · (mean of L_m(w_t) over t >= B − L_n(w₀)). L_n(w₀) is estimated, per chain, by the
+    mean of L_m(w₀) over the same post-burn-in minibatches the chain's L_m(w_t) was averaged over:
+    an unbiased estimate of the loss at w₀ on (T − B)·m samples whose minibatch noise cancels in
+    the difference. Chain c of every subset shares the noise generator and data of seed + c, so a
+    chain gives the same numbers whether it runs alone or batched with others.
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+
+    single = isinstance(subsets, dict)
+    subsets = [subsets] if single else list(subsets)
+    named = dict(model.named_parameters())
+    names = sorted({n for s in subsets for n in s})
+    for n in names:
+        _require(n in named, f"estimate_llc: the model has no parameter {n!r}")
+    for s in subsets:
+        for n, mask in s.items():
+            _require(mask is None or (mask.dtype == torch.bool and mask.shape == named[n].shape),
+                     f"estimate_llc: the mask of {n!r} must be a bool tensor of shape {tuple(named[n].shape)}")
+    K, C, T, B = len(subsets), cfg.chains, cfg.steps, cfg.burn_in
+    device = next(iter(named.values())).device
+    w0 = {n: named[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in named.items() if n not in w0}
+    masks = {n: torch.stack([(s[n] if s[n] is not None else torch.ones_like(w0[n], dtype=torch.bool))
+                             .to(device) if n in s else torch.zeros_like(w0[n], dtype=torch.bool)
+                             for s in subsets]).repeat_interleave(C, 0) for n in names}       # (K*C, *shape)
+    # Chain c draws each tensor's noise from its own generator, seeded by (seed + c, the tensor's name),
+    # so a chain's noise does not depend on which other tensors or chains are sampled alongside it.
+    generators = {n: [torch.Generator(device=device).manual_seed((cfg.seed + c) * 1_000_003 + zlib.crc32(n.encode()))
+                      for c in range(C)] for n in names}
+    streams = [data(cfg.seed + c) for c in range(C)]
+    delta = {n: torch.zeros(K * C, *w0[n].shape, device=device, dtype=w0[n].dtype) for n in names}
+
+    def chain_loss(delta, mask, x, y):          # one chain: w = w₀ + (w − w₀) on the selected entries
+        params = {n: torch.where(mask[n], w0[n] + delta[n], w0[n]) for n in names}
+        return criterion(functional_call(model, {**frozen, **params}, (x,)), y)
+
+    def loss_at_w0(x, y):
+        return criterion(functional_call(model, {**frozen, **w0}, (x,)), y)
+
+    sgld_step = vmap(grad_and_value(chain_loss))
+    init_losses = vmap(loss_at_w0)
+    eps, gamma, nbeta = cfg.step_size, cfg.localization, cfg.nbeta
+    dtype = next(iter(w0.values())).dtype
+    traces = torch.zeros(K * C, T, device=device, dtype=dtype)
+    w0_losses = torch.zeros(C, T - B, device=device, dtype=dtype)
+    progress = Progress(label, T) if label else None
+    for t in range(T):
+        batch = [next(s) for s in streams]
+        x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
+        y = torch.stack([b[1] for b in batch]).to(device)
+        xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
+        grads, loss = sgld_step(delta, masks, xk, yk)
+        traces[:, t] = loss.detach()
+        if t >= B:
+            with torch.no_grad():
+                w0_losses[:, t - B] = init_losses(x, y)
+        with torch.no_grad():
+            for n in names:                                                   # eq. (5)
+                noise = torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
+                                     for g in generators[n]]).repeat(K, *[1] * w0[n].dim())
+                step = -eps / 2 * (gamma * delta[n] + nbeta * grads[n]) + math.sqrt(eps) * noise
+                delta[n] = torch.where(masks[n], delta[n] + step, torch.zeros_like(step))
+        if progress:
+            progress.update(t + 1)
+
+    traces, init = traces.cpu().view(K, C, T), w0_losses.mean(1).cpu()      # (K, C, T), (C,)
+    results = []
+    for k in range(K):
+        chain_llc = nbeta * (traces[k, :, B:].mean(1) - init)                 # eq. (3), (C,)
+        health = [chain_health(traces[k, c], float(init[c]), B) for c in range(C)]
+        good = torch.tensor([h == "healthy" for h in health])
+        llc = float(chain_llc[good].mean()) if good.any() else float("nan")
+        stderr = float(chain_llc[good].std() / math.sqrt(good.sum())) if good.sum() > 1 else float("nan")
+        final = {n: torch.where(masks[n][k * C:(k + 1) * C], w0[n] + delta[n][k * C:(k + 1) * C], w0[n]).cpu()
+                 for n in subsets[k]}
+        results.append(LLCResult(llc, stderr, chain_llc.tolist(), init.tolist(), health, traces[k], final, cfg))
+    return results[0] if single else results

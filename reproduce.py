@@ -131,8 +131,8 @@ def write_report(preset: Preset, out: str, device: str) -> dict:
     for run, (steps, score, corr) in enumerate(metrics):
         for l in range(score.shape[1]):
             for h in range(score.shape[2]):
-                final_rows.append({"run": run, "layer": l, "head": h, "collision_score": round(score[-1, l, h], 4),
-                                   "correlation": round(corr[-1, l, h], 4)})
+                final_rows.append({"run": run, "layer": l, "head": h, "collision_score": round(float(score[-1, l, h]), 4),
+                                   "correlation": round(float(corr[-1, l, h]), 4)})
         plot_correlations(steps, score, corr, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
         plot_attention(run_dir(out, run), score[-1], preset, os.path.join(fig_dir, f"attention_run{run}.png"),
                        device)
@@ -203,7 +203,8 @@ def plot_attention(rdir: str, final_score: np.ndarray, preset: Preset, path: str
     model = physim.model_from_checkpoint(ckpt, device)
     trajectories, _, _ = physim.heldout_set(preset.sim, preset.data, device)
     states = torch.stack([trajectories[0, 30], trajectories[0, -1]])        # free fall, settled
-    _, attn = model(states, return_attention=True)                        # (L, 2, H, N, N+1)
+    with torch.no_grad():
+        _, attn = model(states, return_attention=True)                    # (L, 2, H, N, N+1)
     flat = final_score.reshape(-1)
     H = final_score.shape[1]
     heads = [divmod(int(flat.argmax()), H), divmod(int(np.abs(flat).argmin()), H)]

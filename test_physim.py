@@ -605,3 +605,138 @@ def test_evaluate_simulator_honours_n_steps_beyond_trajectory_length():
     model = P.ParticleTransformer(TINY_MODEL, sim)
     result = P.evaluate_simulator(model, n_states=2, n_steps=5, seed=7)
     assert len(result["rollout_position_error"]) == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The local learning coefficient by SGLD (Appendix B)
+# ----------------------------------------------------------------------------------------------------
+
+class PowerLoss(torch.nn.Module):
+    """A 'model' whose loss is known in closed form: L(w) = Σ_i a_i |w_i|^{k_i}, minimum at w₀ = 0.
+    Its output is that loss for every sample (the inputs are ignored), so criterion = mean.
+    Near 0 the learning coefficient is λ = Σ_i 1/k_i (1/2 per quadratic coordinate, 1/4 per quartic)."""
+
+    def __init__(self, coef, powers, w0=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(len(coef)) if w0 is None else torch.tensor(w0))
+        self.register_buffer("coef", torch.tensor(coef))
+        self.register_buffer("powers", torch.tensor(powers))
+
+    def forward(self, x):
+        return (self.coef * self.w.abs() ** self.powers).sum() + 0 * x[:, 0]
+
+
+def _mean_criterion(output, target):
+    return output.mean()
+
+
+DUMMY_DATA = P.dataset_batches(torch.zeros(8, 1), torch.zeros(8), batch_size=2)
+# Hyperparameters named by the tests: nβ large against γ (the prior shifts λ̂ by ~γ/(nβ·curvature)),
+# ε small against 1/(nβ·curvature) (SGLD's discretisation bias is ~ε·nβ·curvature/4).
+REGULAR = P.LLCConfig(step_size=2e-5, localization=1.0, nbeta=1000.0, steps=3000, burn_in=500, chains=16)
+QUARTIC = P.LLCConfig(step_size=4e-5, localization=1.0, nbeta=10_000.0, steps=6000, burn_in=1000, chains=16)
+
+
+def test_llc_regular_quadratic_is_half_the_dimension(float64):
+    # Proves the estimator recovers λ = d/2 for a non-degenerate minimum, L(w) = Σ a_i w_i², d = 4.
+    model = PowerLoss([1.0, 0.5, 2.0, 1.5], [2.0, 2.0, 2.0, 2.0])
+    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, REGULAR)
+    assert all(h == "healthy" for h in result.health), result.health
+    assert abs(result.llc - 2.0) < 0.10 * 2.0, result.llc
+
+
+@pytest.mark.parametrize("powers, expected", [([4.0], 0.25), ([2.0, 4.0], 0.75)])
+def test_llc_degenerate_minima(float64, powers, expected):
+    # Proves the estimator sees degeneracy: L = w⁴ has λ = 1/4 and L = w₁² + w₂⁴ has λ = 3/4 (< d/2).
+    model = PowerLoss([1.0] * len(powers), powers)
+    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, QUARTIC)
+    assert abs(result.llc - expected) < 0.15 * expected, (result.llc, result.llc_stderr)
+
+
+def test_llc_restricted_to_a_subset_of_coordinates(float64):
+    # Proves restricting SGLD to some coordinates gives their coefficient: with L = w₁² + w₂⁴,
+    # sampling w₁ alone gives 1/2 and w₂ alone 1/4. Both subsets run batched in one call.
+    model = PowerLoss([1.0, 1.0], [2.0, 4.0])
+    only_w1, only_w2 = {"w": torch.tensor([True, False])}, {"w": torch.tensor([False, True])}
+    r1, r2 = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, [only_w1, only_w2], QUARTIC)
+    assert abs(r1.llc - 0.5) < 0.15 * 0.5, r1.llc
+    assert abs(r2.llc - 0.25) < 0.15 * 0.25, r2.llc
+    assert (r1.final_params["w"][:, 1] == 0).all() and (r1.final_params["w"][:, 0] != 0).all()
+
+
+def _tiny_physics_model(float64=True):
+    sim = P.SimConfig(n_particles=6, n_steps=16, box_width=5.0, box_height=5.0)
+    torch.manual_seed(0)
+    model = P.ParticleTransformer(P.ModelConfig(n_blocks=2, n_heads=2, embed_dim=8), sim)
+    return model.double() if float64 else model, sim
+
+
+SMALL_SGLD = P.LLCConfig(step_size=1e-4, nbeta=100.0, batch_size=4, steps=12, burn_in=6, chains=3, seed=5)
+
+
+def test_llc_on_one_head_moves_only_that_head(float64):
+    # Proves sampling one head leaves every other parameter bit-identical (and the model untouched)
+    # and moves every parameter of that head.
+    model, sim = _tiny_physics_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head = P.head_parameters(model, block=1, head=1)
+    assert sum(int(m.sum()) for m in head.values()) == 3 * 4 * 8 + 3 * 4 + 8 * 4   # q,k,v rows, bias, out cols
+    data = P.simulator_batches(sim, P.DataConfig(chunk_trajectories=2), SMALL_SGLD.batch_size)
+    result = P.estimate_llc(model, F_mse, data, head, SMALL_SGLD)
+    for name, mask in head.items():
+        sampled, w0 = result.final_params[name], before[name]                    # (C, *shape), (*shape)
+        assert torch.equal(sampled[:, ~mask], w0[~mask].expand(SMALL_SGLD.chains, -1))
+        assert (sampled[:, mask] != w0[mask]).all()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert result.traces.shape == (SMALL_SGLD.chains, SMALL_SGLD.steps)
+
+
+def F_mse(output, target):
+    return torch.nn.functional.mse_loss(output, target)
+
+
+def test_batched_chains_and_heads_equal_one_at_a_time(float64):
+    # Proves the vmap'd chains (and heads) give the numbers of the same chains run one by one with
+    # the same seeds: chain c of seed s is chain 0 of seed s + c.
+    model, sim = _tiny_physics_model()
+    data = P.simulator_batches(sim, P.DataConfig(chunk_trajectories=2), SMALL_SGLD.batch_size)
+    heads = [P.head_parameters(model, 1, 0), P.head_parameters(model, 0, 1)]
+    batched = P.estimate_llc(model, F_mse, data, heads, SMALL_SGLD)
+    for k, head in enumerate(heads):
+        for c in range(SMALL_SGLD.chains):
+            alone = P.estimate_llc(model, F_mse, data, head,
+                                   P.LLCConfig(**{**SMALL_SGLD.__dict__, "chains": 1, "seed": SMALL_SGLD.seed + c}))
+            assert torch.allclose(batched[k].traces[c], alone.traces[0], rtol=1e-9, atol=1e-12)
+            assert math.isclose(batched[k].chain_llc[c], alone.chain_llc[0], rel_tol=1e-6, abs_tol=1e-9)
+
+
+def test_unhealthy_chains_are_flagged_and_left_out(float64):
+    # Proves the automatic verdicts: a step size far too large diverges, a chain started away from a
+    # minimum goes below L(w₀) (negative), a chain with no burn-in whose loss is still climbing is
+    # not stationary; none of them is averaged in.
+    quadratic = PowerLoss([1.0, 1.0], [2.0, 2.0])
+    cfg = P.LLCConfig(step_size=0.01, nbeta=1000.0, steps=200, burn_in=50, chains=2)
+    diverged = P.estimate_llc(quadratic, _mean_criterion, DUMMY_DATA, {"w": None}, cfg)
+    assert all(h.startswith("diverged") for h in diverged.health) and math.isnan(diverged.llc)
+
+    uphill = PowerLoss([1.0], [2.0], w0=[1.0])                                   # w₀ is not a minimum
+    negative = P.estimate_llc(uphill, _mean_criterion, DUMMY_DATA, {"w": None}, REGULAR)
+    assert all(h.startswith("negative") for h in negative.health), negative.health
+
+    many = PowerLoss([1.0] * 50, [2.0] * 50)                                     # loss ≈ its mean: a clean trend
+    slow = P.LLCConfig(step_size=1e-7, nbeta=1000.0, steps=2000, burn_in=0, chains=2)
+    climbing = P.estimate_llc(many, _mean_criterion, DUMMY_DATA, {"w": None}, slow)
+    assert all(h == "not stationary after burn-in" for h in climbing.health), climbing.health
+
+
+def test_llc_bad_arguments():
+    model, _ = _tiny_physics_model(float64=False)
+    with pytest.raises(ValueError, match="no parameter"):
+        P.estimate_llc(model, F_mse, DUMMY_DATA, {"nope": None}, SMALL_SGLD)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        P.estimate_llc(model, F_mse, DUMMY_DATA, {"unembed.bias": torch.ones(3, dtype=torch.bool)}, SMALL_SGLD)
+    with pytest.raises(ValueError, match="burn_in"):
+        P.LLCConfig(steps=10, burn_in=10)
+    with pytest.raises(ValueError, match="no head"):
+        P.head_parameters(model, block=5, head=0)
