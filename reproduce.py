@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import physim  # noqa: E402
-from physim import DataConfig, ModelConfig, SimConfig, TrainConfig  # noqa: E402
+from physim import DataConfig, LLCConfig, ModelConfig, SimConfig, TrainConfig  # noqa: E402
 
 TRUE_HEAD = 0.8  # a head whose final collision score is >= 0.8 counts as a true collision-detection head
 
@@ -42,16 +43,24 @@ class Preset:
     runs: int = 5                  # Table 2: five runs, seeds 0..4
     rollout_states: int = 16       # Appendix D.2: initial states averaged over in Fig. 7 ...
     rollout_steps: int = 1000      # ... for a 1000-step simulation
+    llc: LLCConfig = field(default_factory=LLCConfig)  # Table 1
+    llc_checkpoints: int = 32      # LLC at this many checkpoints, log-spaced over training (Fig. 1) ...
+    llc_heads: int = 8             # ... for up to this many collision heads per run (best first) plus one
+                                   #     non-collision head
 
 
 FULL = Preset()
-# Scaled down so that one run trains, is measured and rolled out on a 2-core CPU in <= 15 minutes.
-# The physics is Table 3 unchanged; the model is smaller (L=3, E=64, 8 heads of width 8) and trains
-# with batch 16 for 12 000 steps instead of batch 64 for 64 000; see README for what this changes.
+# Scaled down so that one run trains, is measured, rolled out and LLC-estimated on a 2-core CPU in
+# <= 15 minutes. The physics is Table 3 unchanged. The model is smaller (L = 3, E = 64, 8 heads of
+# width 8, 160k parameters instead of 830k) and trains with batch 16 for 25 000 steps at lr 2e-3
+# instead of batch 64 for 64 000 steps at 1e-3 (a 10x smaller sample budget, partly made up by the
+# larger step). The LLC uses Table 1's ε, γ and nβ but far shorter chains (see README).
 SCALED = Preset(
     model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64),
-    train=TrainConfig(steps=12_000, batch_size=16, log_checkpoints=40, even_checkpoints=60),
+    train=TrainConfig(steps=25_000, batch_size=16, lr=2e-3, log_checkpoints=40, even_checkpoints=50),
     runs=1, rollout_states=8, rollout_steps=1000,
+    llc=LLCConfig(step_size=1e-3, batch_size=8, steps=150, burn_in=100, chains=4),
+    llc_checkpoints=8, llc_heads=2,
 )
 
 
@@ -97,11 +106,66 @@ def reproduce(preset: Preset, out: str, device: str) -> dict:
                   file=sys.stderr)
             result = physim.evaluate_simulator(model, preset.rollout_states, preset.rollout_steps)
             physim._atomic_write(sim_path, lambda tmp: json.dump(result, open(tmp, "w")))
+        run_llc(preset, rdir, device, label=f"run {run + 1}/{preset.runs}")
     summary = write_report(preset, out, device)
     summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def llc_steps(steps, n: int) -> list[int]:
+    """n of the checkpoint steps, spread evenly in log(step) from the first to the last (Fig. 1)."""
+    positive = [int(s) for s in steps if s > 0]
+    targets = np.geomspace(positive[0], positive[-1], n)
+    return sorted({min(positive, key=lambda s: abs(math.log(s / t))) for t in targets})
+
+
+def llc_heads(final_score: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """The heads whose LLC is estimated: up to n true collision heads (best first; the best head if
+    none reached the threshold) and the head whose final score is closest to 0."""
+    H = final_score.shape[1]
+    flat = final_score.reshape(-1)
+    order = np.argsort(-flat)
+    chosen = [divmod(int(i), H) for i in order if flat[i] >= TRUE_HEAD][:n] or [divmod(int(order[0]), H)]
+    quiet = divmod(int(np.abs(flat).argmin()), H)
+    return chosen + [quiet] if quiet not in chosen else chosen
+
+
+def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
+    """The parameter-restricted LLC (Appendix B) of the chosen heads at checkpoints spread over
+    training, all heads x chains batched per SGLD step. One JSON per checkpoint under rdir/llc/ (with
+    traces averaged down to <= 500 points per chain for plotting), collected in rdir/llc.csv."""
+    steps, score, _ = read_metrics(rdir)
+    heads = llc_heads(score[-1], preset.llc_heads)
+    llc_dir = os.path.join(rdir, "llc")
+    os.makedirs(llc_dir, exist_ok=True)
+    data = physim.simulator_batches(preset.sim, preset.data, preset.llc.batch_size, device)
+    chosen = llc_steps(steps, preset.llc_checkpoints)
+    for i, step in enumerate(chosen):
+        path = os.path.join(llc_dir, f"step_{step:07d}.json")
+        if os.path.exists(path):
+            continue
+        model = physim.model_from_checkpoint(physim.load_checkpoint(physim.checkpoint_path(rdir, step)), device)
+        results = physim.estimate_llc(model, torch.nn.functional.mse_loss, data,
+                                      [physim.head_parameters(model, l, h) for l, h in heads], preset.llc,
+                                      label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})")
+        thin = max(1, preset.llc.steps // 500)
+        record = {"step": step, "trace_thinning": thin, "heads": [
+            {"layer": l, "head": h, "llc": r.llc, "llc_stderr": r.llc_stderr, "chain_llc": r.chain_llc,
+             "init_loss": r.init_loss, "health": r.health,
+             "trace": r.traces[:, :r.traces.shape[1] // thin * thin].reshape(len(r.traces), -1, thin).mean(-1).tolist()}
+            for (l, h), r in zip(heads, results)]}
+        physim._atomic_write(path, lambda tmp: json.dump(record, open(tmp, "w")))
+    rows = []
+    for step in chosen:
+        with open(os.path.join(llc_dir, f"step_{step:07d}.json")) as f:
+            for r in json.load(f)["heads"]:
+                rows.append({"step": step, "layer": r["layer"], "head": r["head"], "llc": r["llc"],
+                             "llc_stderr": r["llc_stderr"], "healthy_chains": r["health"].count("healthy"),
+                             "chains": len(r["health"]),
+                             "unhealthy": "; ".join(f"chain {c}: {h}" for c, h in enumerate(r["health"]) if h != "healthy")})
+    physim._write_csv(os.path.join(rdir, "llc.csv"), rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,6 +204,9 @@ def write_report(preset: Preset, out: str, device: str) -> dict:
     plot_score_histogram(metrics, preset.train, os.path.join(fig_dir, "collision_scores.png"))
     plot_energy(out, preset, os.path.join(fig_dir, "energy.png"))
     plot_losses(out, preset, os.path.join(fig_dir, "losses.png"))
+    llc_rows = []
+    for run, (steps, _, corr) in enumerate(metrics):
+        llc_rows += plot_llc(run_dir(out, run), steps, corr, metrics[run][1][-1], preset, fig_dir, run)
     finals = np.array([r["collision_score"] for r in final_rows])
     sims = [json.load(open(os.path.join(run_dir(out, r), "simulator.json"))) for r in range(preset.runs)]
     return {
@@ -148,6 +215,9 @@ def write_report(preset: Preset, out: str, device: str) -> dict:
         "heads_below_0.2": int((finals < 0.2).sum()),
         "best_head": max(final_rows, key=lambda r: r["collision_score"]),
         "one_step_position_error": [s["one_step_position_error"] for s in sims],
+        "llc_estimates": len(llc_rows),
+        "llc_unhealthy_chains": sum(r["chains"] - r["healthy_chains"] for r in llc_rows),
+        "llc_chains": sum(r["chains"] for r in llc_rows),
     }
 
 
@@ -229,6 +299,61 @@ def plot_attention(rdir: str, final_score: np.ndarray, preset: Preset, path: str
     plt.close(fig)
 
 
+def plot_llc(rdir: str, steps, corr, final_score, preset: Preset, fig_dir: str, run: int) -> list[dict]:
+    """Fig. 1 (top) for every head with LLC estimates: |c(t)| on log-log axes and the LLC (mean over
+    healthy chains ± standard error) on a second axis against the same step; and its SGLD trace plots
+    (loss vs step for every chain, burn-in and L(w0) marked, unhealthy chains in red)."""
+    with open(os.path.join(rdir, "llc.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("step", "layer", "head", "healthy_chains", "chains"):
+            r[key] = int(r[key])
+    records = {}
+    for name in sorted(os.listdir(os.path.join(rdir, "llc"))):
+        with open(os.path.join(rdir, "llc", name)) as f:
+            record = json.load(f)
+        records[record["step"]] = record
+    t = steps > 0
+    for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
+        mine = [r for r in rows if (r["layer"], r["head"]) == (l, h)]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.loglog(steps[t], np.abs(corr[t, l, h]), color="tab:blue", label="|c(t)|")
+        ax.set(xlabel="training step t", ylabel="|c(t)|, attention-distance correlation",
+               title=f"run {run}, head {l}-{h} (final collision score {final_score[l, h]:.2f})")
+        ax2 = ax.twinx()
+        ax2.errorbar([r["step"] for r in mine], [float(r["llc"]) for r in mine],
+                     yerr=[float(r["llc_stderr"]) for r in mine], color="tab:green", marker="o", ms=3,
+                     label="LLC (healthy chains)")
+        ax2.set_ylabel("parameter-restricted LLC", color="tab:green")
+        fig.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(fig_dir, f"llc_run{run}_head{l}-{h}.png"), dpi=120)
+        plt.close(fig)
+
+        cols = min(len(mine), 4)
+        nrows = math.ceil(len(mine) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.6 * nrows), squeeze=False)
+        for ax, r in zip(axes.flat, mine):
+            record = records[r["step"]]
+            head = next(x for x in record["heads"] if (x["layer"], x["head"]) == (l, h))
+            x = (np.arange(len(head["trace"][0])) + 0.5) * record["trace_thinning"]
+            for c, (trace, health) in enumerate(zip(head["trace"], head["health"])):
+                ax.plot(x, trace, lw=0.6, color="tab:red" if health != "healthy" else None)
+            ax.axvline(preset.llc.burn_in, color="black", ls=":", lw=0.8)
+            ax.axhline(np.mean(head["init_loss"]), color="black", ls="--", lw=0.8)
+            ax.set_title(f"step {r['step']}: LLC {float(r['llc']):.3g}, {r['healthy_chains']}/{r['chains']} healthy",
+                         fontsize=7)
+            ax.tick_params(labelsize=6)
+        for ax in list(axes.flat)[len(mine):]:
+            ax.axis("off")
+        fig.suptitle(f"SGLD traces, run {run}, head {l}-{h}: L_m(w_t) per chain; dotted = burn-in, "
+                     "dashed = L(w0), red = unhealthy", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(fig_dir, f"llc_traces_run{run}_head{l}-{h}.png"), dpi=110)
+        plt.close(fig)
+    return rows
+
+
 def plot_energy(out: str, preset: Preset, path: str) -> None:
     """Fig. 7: mean total energy along a rollout of each trained model and of the ground truth."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -262,30 +387,82 @@ def plot_losses(out: str, preset: Preset, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Benchmarks (python reproduce.py bench)
+# ----------------------------------------------------------------------------------------------------
+
+def bench(device: str, out: str) -> list[dict]:
+    """estimate_llc on the scaled-down physics model restricted to one head: 8 chains batched in one
+    vmap against the same 8 chains run one after another in a Python loop, measured in this run.
+    Reports chain-steps per second and the ratio."""
+    torch.manual_seed(0)
+    model = physim.ParticleTransformer(SCALED.model, SCALED.sim).to(device)
+    head = physim.head_parameters(model, 1, 0)
+    cfg = LLCConfig(batch_size=32, steps=20, burn_in=10, chains=8)
+    data = physim.simulator_batches(SCALED.sim, DataConfig(chunk_trajectories=2), cfg.batch_size, device)
+    physim.estimate_llc(model, torch.nn.functional.mse_loss, data, head, LLCConfig(**{**asdict(cfg), "steps": 5, "burn_in": 1}))  # warm-up
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def batched():
+        physim.estimate_llc(model, torch.nn.functional.mse_loss, data, head, cfg)
+
+    def looped():
+        for c in range(cfg.chains):
+            physim.estimate_llc(model, torch.nn.functional.mse_loss, data, head,
+                                LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}))
+
+    chain_steps = cfg.chains * cfg.steps
+    t_loop, t_batch = timed(looped), timed(batched)
+    rows = [{"benchmark": "SGLD, 8 chains, one head (m=32)", "baseline": "chains in a Python loop",
+             "baseline_chain_steps_per_s": round(chain_steps / t_loop, 1),
+             "ours": "chains batched (vmap)", "ours_chain_steps_per_s": round(chain_steps / t_batch, 1),
+             "speedup": round(t_loop / t_batch, 2), "device": device, "threads": torch.get_num_threads()}]
+    os.makedirs(out, exist_ok=True)
+    physim._write_csv(os.path.join(out, "bench.csv"), rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Reproduce 'Emergence of Computational Structure in a Neural Network Physics Simulator'.")
+    parser.add_argument("command", nargs="?", choices=["run", "bench"], default="run",
+                        help="run: train, measure and draw everything (default); bench: time the batched "
+                             "parts against plain baselines and write bench.csv")
     parser.add_argument("--full", action="store_true",
                         help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
                              "the scaled-down run that fits a 2-core CPU in 15 minutes")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute: auto picks cuda when available (default: auto)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: runs/full with --full, else runs/scaled); re-running "
-                             "into the same folder resumes")
+                        help="output folder (default: runs/full with --full, runs/bench for bench, else "
+                             "runs/scaled); re-running into the same folder resumes")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = FULL if args.full else SCALED
-    out = args.out or os.path.join("runs", "full" if args.full else "scaled")
+    out = args.out or os.path.join("runs", "bench" if args.command == "bench" else "full" if args.full else "scaled")
     try:
         device = resolve_device(args.device)
         t0 = time.time()
+        if args.command == "bench":
+            rows = bench(device, out)
+            print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
+            for r in rows:
+                print("| " + " | ".join(str(v) for v in r.values()) + " |")
+            return 0
         summary = reproduce(preset, out, device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

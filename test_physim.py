@@ -634,7 +634,9 @@ DUMMY_DATA = P.dataset_batches(torch.zeros(8, 1), torch.zeros(8), batch_size=2)
 # Hyperparameters named by the tests: nβ large against γ (the prior shifts λ̂ by ~γ/(nβ·curvature)),
 # ε small against 1/(nβ·curvature) (SGLD's discretisation bias is ~ε·nβ·curvature/4).
 REGULAR = P.LLCConfig(step_size=2e-5, localization=1.0, nbeta=1000.0, steps=3000, burn_in=500, chains=16)
-QUARTIC = P.LLCConfig(step_size=4e-5, localization=1.0, nbeta=10_000.0, steps=6000, burn_in=1000, chains=16)
+QUARTIC = P.LLCConfig(step_size=1e-4, localization=1.0, nbeta=2000.0, steps=6000, burn_in=1000, chains=32)
+# With a quadratic coordinate present ε must also be small against 1/(2nβ): a slower, longer run.
+MIXED = P.LLCConfig(step_size=2e-5, localization=1.0, nbeta=1000.0, steps=10_000, burn_in=2000, chains=32)
 
 
 def test_llc_regular_quadratic_is_half_the_dimension(float64):
@@ -645,11 +647,11 @@ def test_llc_regular_quadratic_is_half_the_dimension(float64):
     assert abs(result.llc - 2.0) < 0.10 * 2.0, result.llc
 
 
-@pytest.mark.parametrize("powers, expected", [([4.0], 0.25), ([2.0, 4.0], 0.75)])
-def test_llc_degenerate_minima(float64, powers, expected):
+@pytest.mark.parametrize("powers, expected, cfg", [([4.0], 0.25, QUARTIC), ([2.0, 4.0], 0.75, MIXED)])
+def test_llc_degenerate_minima(float64, powers, expected, cfg):
     # Proves the estimator sees degeneracy: L = w⁴ has λ = 1/4 and L = w₁² + w₂⁴ has λ = 3/4 (< d/2).
     model = PowerLoss([1.0] * len(powers), powers)
-    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, QUARTIC)
+    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, cfg)
     assert abs(result.llc - expected) < 0.15 * expected, (result.llc, result.llc_stderr)
 
 
@@ -658,7 +660,7 @@ def test_llc_restricted_to_a_subset_of_coordinates(float64):
     # sampling w₁ alone gives 1/2 and w₂ alone 1/4. Both subsets run batched in one call.
     model = PowerLoss([1.0, 1.0], [2.0, 4.0])
     only_w1, only_w2 = {"w": torch.tensor([True, False])}, {"w": torch.tensor([False, True])}
-    r1, r2 = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, [only_w1, only_w2], QUARTIC)
+    r1, r2 = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, [only_w1, only_w2], MIXED)
     assert abs(r1.llc - 0.5) < 0.15 * 0.5, r1.llc
     assert abs(r2.llc - 0.25) < 0.15 * 0.25, r2.llc
     assert (r1.final_params["w"][:, 1] == 0).all() and (r1.final_params["w"][:, 0] != 0).all()
@@ -720,6 +722,12 @@ def test_unhealthy_chains_are_flagged_and_left_out(float64):
     diverged = P.estimate_llc(quadratic, _mean_criterion, DUMMY_DATA, {"w": None}, cfg)
     assert all(h.startswith("diverged") for h in diverged.health) and math.isnan(diverged.llc)
 
+    # Just past SGLD's stability limit (ε·(2nβa + γ)/2 = 2.05) the loss grows ~1.1x a step but stays finite.
+    runaway_cfg = P.LLCConfig(step_size=4.1 / 2001, nbeta=1000.0, steps=200, burn_in=50, chains=2)
+    runaway = P.estimate_llc(quadratic, _mean_criterion, DUMMY_DATA, {"w": None}, runaway_cfg)
+    assert all(h == "diverged (loss running away)" for h in runaway.health), runaway.health
+    assert torch.isfinite(runaway.traces).all()
+
     uphill = PowerLoss([1.0], [2.0], w0=[1.0])                                   # w₀ is not a minimum
     negative = P.estimate_llc(uphill, _mean_criterion, DUMMY_DATA, {"w": None}, REGULAR)
     assert all(h.startswith("negative") for h in negative.health), negative.health
@@ -740,3 +748,44 @@ def test_llc_bad_arguments():
         P.LLCConfig(steps=10, burn_in=10)
     with pytest.raises(ValueError, match="no head"):
         P.head_parameters(model, block=5, head=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. reproduce.py end to end, on a tiny preset
+# ----------------------------------------------------------------------------------------------------
+
+def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
+    # Proves the whole pipeline (train, rollout, LLC, figures, tables) runs and writes what the README
+    # lists, and that re-running into the same folder resumes (nothing is retrained) with equal results.
+    import reproduce as R
+    preset = R.Preset(sim=TRAIN_SIM, model=TINY_MODEL,
+                      train=P.TrainConfig(steps=20, batch_size=8, log_checkpoints=3, even_checkpoints=2),
+                      data=TRAIN_DATA, runs=2, rollout_states=2, rollout_steps=10,
+                      llc=P.LLCConfig(batch_size=4, steps=12, burn_in=6, chains=2), llc_checkpoints=2, llc_heads=1)
+    out = str(tmp_path / "out")
+    first = R.reproduce(preset, out, "cpu")
+    for name in ("config.json", "final_heads.csv", "summary.json", "figures/collision_scores.png",
+                 "figures/energy.png", "figures/attention_run1.png", "figures/correlation_run0.png",
+                 "run0/metrics.csv", "run0/losses.csv", "run0/simulator.json", "run1/llc.csv"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert any(n.startswith("llc_traces_run0") for n in os.listdir(os.path.join(out, "figures")))
+    stamp = os.path.getmtime(os.path.join(out, "run0", "simulator.json"))
+    second = R.reproduce(preset, out, "cpu")
+    assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
+    assert {k: v for k, v in first.items() if k != "wall_seconds_this_call"} == \
+           {k: v for k, v in second.items() if k != "wall_seconds_this_call"}
+    other = R.Preset(**{**preset.__dict__, "runs": 1})
+    with pytest.raises(ValueError, match="different configuration"):
+        R.reproduce(other, out, "cpu")
+
+
+def test_reproduce_bad_arguments_give_one_error_line(capsys):
+    # Proves a bad flag value ends with one clear line and a non-zero exit, not a traceback.
+    import reproduce as R
+    with pytest.raises(SystemExit):
+        R.main(["--device", "tpu"])
+    assert "invalid choice" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert R.main(["--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and "CUDA" in err[0]
