@@ -8,6 +8,7 @@ Read top to bottom next to the paper:
   4. Attention-head metrics ............. §2.2 (collision detection score, c(w))
   5. Training ........................... Table 2, checkpoints, resume
   6. The model as a simulator ........... Appendix D.2, Fig. 7
+  7. Local learning coefficient (SGLD) .. §2.3, Appendix B, eq. (3)-(5), Table 1
 
 Conventions: a particle state is x = [p v] with shape (B, N, 4) (Appendix C, D = 2); positions are in
 units of the particle diameter with the box spanning [0, W] x [0, H]; gravity points along -y.
@@ -64,7 +65,7 @@ class SimConfig:
         _require(self.damping >= 0 and self.gravity >= 0,
                  f"SimConfig.damping and gravity must be >= 0, got {self.damping} and {self.gravity}")
         # The shortest contact is particle-particle (reduced mass m/2); its undamped half period
-        # π·sqrt(m_r/k) is a lower bound on the contact duration t_c of eq. (C1) below.
+        # π·sqrt(m_r/k) is a lower bound on the contact duration t_c (contact_duration below).
         t_min = math.pi * math.sqrt(0.5 * self.mass / self.stiffness)
         _require(self.dt <= t_min / MIN_STEPS_PER_CONTACT,
                  f"SimConfig.dt={self.dt} is too coarse: a contact lasts about {t_min:.4g}, which needs "
@@ -80,7 +81,7 @@ class SimConfig:
 
 
 def contact_duration(cfg: SimConfig, reduced_mass: float) -> float:
-    """Closed form (Luding 2008, eq. C1): t_c = π/ω, ω = sqrt(k/m_r − η₀²), η₀ = γ/(2 m_r)."""
+    """Closed form (Luding 2008): t_c = π/ω, ω = sqrt(k/m_r − η₀²), η₀ = γ/(2 m_r)."""
     eta0 = cfg.damping / (2 * reduced_mass)
     return math.pi / math.sqrt(cfg.stiffness / reduced_mass - eta0 ** 2)
 
@@ -391,11 +392,12 @@ class ParticleTransformer(nn.Module):
         return (a, torch.stack(attention)) if return_attention else a
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        a, attention = self.acceleration(x, return_attention=True)
+        out = self.acceleration(x, return_attention)
+        a = out[0] if return_attention else out
         v = x[..., 2:] + self.sim.dt * (a + self.gravity)                         # eq. (6)
         p = x[..., :2] + self.sim.dt * v
         x_next = torch.cat([p, v], -1)
-        return (x_next, attention) if return_attention else x_next
+        return (x_next, out[1]) if return_attention else x_next
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -560,12 +562,11 @@ def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torc
     Returns (collision score (L, H), correlation c (L, H), held-out next-state MSE)."""
     was_training = model.training
     model.eval()
-    attn = attention_weights(model, states)                                    # (L, S, H, N, N+1)
-    positions = states[..., :2]
-    score = collision_detection_score(attn, positions)
-    corr = attention_distance_correlation(attn, positions)
-    loss = sum(next_state_loss(model, x, y) * len(x)
-               for x, y in zip(states.split(64), targets.split(64))) / len(states)
+    predicted, attn = zip(*(model(x, return_attention=True) for x in states.split(64)))
+    attn = torch.cat(attn, 1)                                                  # (L, S, H, N, N+1)
+    loss = F.mse_loss(torch.cat(predicted), targets)
+    score = collision_detection_score(attn, states[..., :2])
+    corr = attention_distance_correlation(attn, states[..., :2])
     model.train(was_training)
     return score, corr, float(loss)
 

@@ -44,7 +44,7 @@ class Preset:
     rollout_states: int = 16       # Appendix D.2: initial states averaged over in Fig. 7 ...
     rollout_steps: int = 1000      # ... for a 1000-step simulation
     llc: LLCConfig = field(default_factory=LLCConfig)  # Table 1
-    llc_checkpoints: int = 32      # LLC at this many checkpoints, log-spaced over training (Fig. 1) ...
+    llc_checkpoints: int = 32      # LLC at this many checkpoints, log-spaced from 1% of training to its end ...
     llc_heads: int = 8             # ... for up to this many collision heads per run (best first) plus one
                                    #     non-collision head
 
@@ -57,10 +57,10 @@ FULL = Preset()
 # larger step). The LLC uses Table 1's ε, γ and nβ but far shorter chains (see README).
 SCALED = Preset(
     model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64),
-    train=TrainConfig(steps=25_000, batch_size=16, lr=2e-3, log_checkpoints=40, even_checkpoints=50),
+    train=TrainConfig(steps=25_000, batch_size=16, lr=2e-3, log_checkpoints=32, even_checkpoints=40),
     runs=1, rollout_states=8, rollout_steps=1000,
     llc=LLCConfig(step_size=1e-3, batch_size=8, steps=150, burn_in=100, chains=4),
-    llc_checkpoints=8, llc_heads=2,
+    llc_checkpoints=7, llc_heads=2,
 )
 
 
@@ -115,8 +115,9 @@ def reproduce(preset: Preset, out: str, device: str) -> dict:
 
 
 def llc_steps(steps, n: int) -> list[int]:
-    """n of the checkpoint steps, spread evenly in log(step) from the first to the last (Fig. 1)."""
-    positive = [int(s) for s in steps if s > 0]
+    """n of the checkpoint steps, spread evenly in log(step) from 1% of training to its end (Fig. 1).
+    Earlier the model is far from any minimum: SGLD then only descends and the LLC is undefined."""
+    positive = [int(s) for s in steps if s >= steps[-1] / 100]
     targets = np.geomspace(positive[0], positive[-1], n)
     return sorted({min(positive, key=lambda s: abs(math.log(s / t))) for t in targets})
 
@@ -140,7 +141,9 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
     heads = llc_heads(score[-1], preset.llc_heads)
     llc_dir = os.path.join(rdir, "llc")
     os.makedirs(llc_dir, exist_ok=True)
-    data = physim.simulator_batches(preset.sim, preset.data, preset.llc.batch_size, device)
+    # Each chain draws fresh pairs from chunks of 8 new trajectories (8192 pairs): enough for short
+    # chains without simulating far more than they use.
+    data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=8), preset.llc.batch_size, device)
     chosen = llc_steps(steps, preset.llc_checkpoints)
     for i, step in enumerate(chosen):
         path = os.path.join(llc_dir, f"step_{step:07d}.json")
