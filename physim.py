@@ -332,9 +332,8 @@ class ParticleAttention(nn.Module):
         B, N, E = x.shape
         H = self.n_heads
         q, k, v = self.in_proj(x).view(B, N, 3, H, E // H).permute(2, 0, 3, 1, 4)  # (B, H, N, E/H) each
-        logits = q @ k.transpose(-1, -2) / math.sqrt(E // H)                        # (B, H, N, N)
-        self_pair = torch.eye(N, dtype=torch.bool, device=x.device)
-        logits = logits.masked_fill(self_pair, float("-inf"))                       # never attend to self
+        no_self = torch.zeros(N, N, dtype=x.dtype, device=x.device).fill_diagonal_(float("-inf"))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(E // H) + no_self             # (B, H, N, N)
         logits = torch.cat([logits, logits.new_zeros(B, H, N, 1)], -1)              # zero key: q·0 = 0
         attn = logits.softmax(-1)                                                   # (B, H, N, N+1)
         out = attn[..., :N] @ v                                                     # zero value adds 0
