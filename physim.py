@@ -703,6 +703,8 @@ class LLCResult:
     init_loss: list              # every chain's estimate of L_n(w₀)
     health: list                 # every chain's verdict: "healthy", or why not
     traces: torch.Tensor         # (C, T) L_m(w_t) of every chain, on the CPU
+    w0_traces: torch.Tensor      # (C, T) L_m(w₀) on the same minibatches: traces − w0_traces is free
+                                 #        of minibatch noise (the health verdicts and trace plots use it)
     final_params: dict           # name -> (C, *shape): the sampled tensors after the last step
     config: LLCConfig
 
@@ -748,22 +750,24 @@ def simulator_batches(sim: SimConfig, data: DataConfig, batch_size: int, device=
     return batches
 
 
-def chain_health(trace: torch.Tensor, init_loss: float, burn_in: int) -> str:
-    """Automatic verdict on one chain's loss trace (T,), cf. Appendix B.2.1:
-    - diverged: a non-finite loss, or the loss running away (over the last tenth of the steps it
-      lies above its level in the second half of burn-in by more than 9x that level's excess over
-      L(w₀), and by more than 10 standard deviations of the loss there: far outside its fluctuations);
-    - not stationary: the two halves of the post-burn-in trace have means that differ by more than
+def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int) -> str:
+    """Automatic verdict on one chain (cf. Appendix B.2.1), judged on its excess loss
+    e_t = L_m(w_t) − L_m(w₀) over the same minibatch (T,), which is free of minibatch noise:
+    - diverged: a non-finite loss, or the loss running away (over the last tenth of the steps e_t
+      lies above its level in the second half of burn-in by more than 9x that level, and by more
+      than 10 standard deviations of e_t there: far outside its fluctuations);
+    - not stationary: the two halves of the post-burn-in e_t have means that differ by more than
       4 standard errors (batch means of 10 batches per half, which absorbs autocorrelation);
-    - negative: the post-burn-in mean lies below L(w₀), so λ̂ < 0."""
-    if not torch.isfinite(trace).all():
+    - negative: the mean of e_t after burn-in is below 0 (the chain sits below L(w₀), so λ̂ < 0)."""
+    if not (torch.isfinite(trace).all() and torch.isfinite(w0_trace).all()):
         return "diverged (non-finite loss)"
-    late, settled = trace[-max(len(trace) // 10, 2):], trace[burn_in // 2:burn_in]
+    excess = trace - w0_trace
+    late, settled = excess[-max(len(excess) // 10, 2):], excess[burn_in // 2:burn_in]
     if len(settled) >= 2:
         rise = late.mean() - settled.mean()
-        if rise > 9 * max(float(settled.mean()) - init_loss, 0.0) and rise > 10 * settled.std():
+        if rise > 9 * max(float(settled.mean()), 0.0) and rise > 10 * settled.std():
             return "diverged (loss running away)"
-    post = trace[burn_in:]
+    post = excess[burn_in:]
     half = len(post) // 2
     means, errors = [], []
     for part in (post[:half], post[half:2 * half]):
@@ -772,7 +776,7 @@ def chain_health(trace: torch.Tensor, init_loss: float, burn_in: int) -> str:
         errors.append(batch_means.std() / math.sqrt(len(batch_means)))
     if abs(means[0] - means[1]) > 4 * math.hypot(errors[0], errors[1]):
         return "not stationary after burn-in"
-    if post.mean() < init_loss:
+    if post.mean() < 0:
         return "negative (mean loss below L(w0))"
     return "healthy"
 
@@ -794,7 +798,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     and λ̂ = nβ · (mean of L_m(w_t) over t >= B − L_n(w₀)). L_n(w₀) is estimated, per chain, by the
     mean of L_m(w₀) over the same post-burn-in minibatches the chain's L_m(w_t) was averaged over:
     an unbiased estimate of the loss at w₀ on (T − B)·m samples whose minibatch noise cancels in
-    the difference. Chain c of every subset shares the noise generator and data of seed + c, so a
+    the difference. L_m(w₀) is evaluated on every step's minibatch (one extra forward pass per
+    chain, none per subset) so that the health verdicts can judge the noise-free excess loss. Chain c of every subset shares the noise generator and data of seed + c, so a
     chain gives the same numbers whether it runs alone or batched with others.
     """
     from torch.func import functional_call, grad_and_value, vmap
@@ -835,7 +840,7 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     eps, gamma, nbeta = cfg.step_size, cfg.localization, cfg.nbeta
     dtype = next(iter(w0.values())).dtype
     traces = torch.zeros(K * C, T, device=device, dtype=dtype)
-    w0_losses = torch.zeros(C, T - B, device=device, dtype=dtype)
+    w0_losses = torch.zeros(C, T, device=device, dtype=dtype)
     progress = Progress(label, T) if label else None
     for t in range(T):
         batch = [next(s) for s in streams]
@@ -844,9 +849,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
         xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
         grads, loss = sgld_step(delta, masks, xk, yk)
         traces[:, t] = loss.detach()
-        if t >= B:
-            with torch.no_grad():
-                w0_losses[:, t - B] = init_losses(x, y)
+        with torch.no_grad():
+            w0_losses[:, t] = init_losses(x, y)
         with torch.no_grad():
             for n in names:                                                   # eq. (5)
                 noise = torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
@@ -856,15 +860,17 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
         if progress:
             progress.update(t + 1)
 
-    traces, init = traces.cpu().view(K, C, T), w0_losses.mean(1).cpu()      # (K, C, T), (C,)
+    traces, w0_losses = traces.cpu().view(K, C, T), w0_losses.cpu()         # (K, C, T), (C, T)
+    init = w0_losses[:, B:].mean(1)                                           # L_n(w₀) per chain, (C,)
     results = []
     for k in range(K):
         chain_llc = nbeta * (traces[k, :, B:].mean(1) - init)                 # eq. (3), (C,)
-        health = [chain_health(traces[k, c], float(init[c]), B) for c in range(C)]
+        health = [chain_health(traces[k, c], w0_losses[c], B) for c in range(C)]
         good = torch.tensor([h == "healthy" for h in health])
         llc = float(chain_llc[good].mean()) if good.any() else float("nan")
         stderr = float(chain_llc[good].std() / math.sqrt(good.sum())) if good.sum() > 1 else float("nan")
         final = {n: torch.where(masks[n][k * C:(k + 1) * C], w0[n] + delta[n][k * C:(k + 1) * C], w0[n]).cpu()
                  for n in subsets[k]}
-        results.append(LLCResult(llc, stderr, chain_llc.tolist(), init.tolist(), health, traces[k], final, cfg))
+        results.append(LLCResult(llc, stderr, chain_llc.tolist(), init.tolist(), health, traces[k], w0_losses,
+                                 final, cfg))
     return results[0] if single else results

@@ -133,10 +133,17 @@ def llc_heads(final_score: np.ndarray, n: int) -> list[tuple[int, int]]:
     return chosen + [quiet] if quiet not in chosen else chosen
 
 
+def paired_trace(r: physim.LLCResult, thin: int) -> torch.Tensor:
+    """L(w0) + L_m(w_t) − L_m(w0) per chain, averaged over windows of `thin` steps: (C, T // thin)."""
+    paired = r.traces - r.w0_traces + torch.tensor(r.init_loss)[:, None]
+    return paired[:, :paired.shape[1] // thin * thin].reshape(len(paired), -1, thin).mean(-1)
+
+
 def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
     """The parameter-restricted LLC (Appendix B) of the chosen heads at checkpoints spread over
     training, all heads x chains batched per SGLD step. One JSON per checkpoint under rdir/llc/ (with
-    traces averaged down to <= 500 points per chain for plotting), collected in rdir/llc.csv."""
+    each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
+    <= 500 points for plotting), collected in rdir/llc.csv."""
     steps, score, _ = read_metrics(rdir)
     heads = llc_heads(score[-1], preset.llc_heads)
     llc_dir = os.path.join(rdir, "llc")
@@ -157,7 +164,7 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
         record = {"step": step, "trace_thinning": thin, "heads": [
             {"layer": l, "head": h, "llc": r.llc, "llc_stderr": r.llc_stderr, "chain_llc": r.chain_llc,
              "init_loss": r.init_loss, "health": r.health,
-             "trace": r.traces[:, :r.traces.shape[1] // thin * thin].reshape(len(r.traces), -1, thin).mean(-1).tolist()}
+             "trace": paired_trace(r, thin).tolist()}
             for (l, h), r in zip(heads, results)]}
         physim._atomic_write(path, lambda tmp: json.dump(record, open(tmp, "w")))
     rows = []
@@ -244,7 +251,7 @@ def plot_score_histogram(metrics, train_cfg: TrainConfig, path: str) -> None:
     mesh = ax.pcolormesh(xe, ye, hist.T, cmap="magma", vmax=vmax)
     fig.colorbar(mesh, ax=ax, label="number of heads (clipped at 95th percentile)")
     ax.set(xlabel="training step", ylabel="collision detection score",
-           title=f"Collision detection scores of all {len(metrics)}x{metrics[0][1][0].size} heads over training")
+           title=f"Collision detection scores of all {metrics[0][1][0].size} heads of {len(metrics)} run(s) over training")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -349,8 +356,8 @@ def plot_llc(rdir: str, steps, corr, final_score, preset: Preset, fig_dir: str, 
             ax.tick_params(labelsize=6)
         for ax in list(axes.flat)[len(mine):]:
             ax.axis("off")
-        fig.suptitle(f"SGLD traces, run {run}, head {l}-{h}: L_m(w_t) per chain; dotted = burn-in, "
-                     "dashed = L(w0), red = unhealthy", fontsize=8)
+        fig.suptitle(f"SGLD traces, run {run}, head {l}-{h}: L(w0) + L_m(w_t) - L_m(w0) per chain (minibatch noise "
+                     "paired out); dotted = burn-in, dashed = L(w0), red = unhealthy", fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(fig_dir, f"llc_traces_run{run}_head{l}-{h}.png"), dpi=110)
         plt.close(fig)
@@ -366,7 +373,8 @@ def plot_energy(out: str, preset: Preset, path: str) -> None:
         if run == 0:
             ax.plot(result["energy_true"], color="black", lw=2, label="ground truth")
         ax.plot(result["energy_model"], lw=1, label=f"model, run {run}")
-    ax.set(xlabel="simulation step", ylabel="total energy (reduced units)",
+    ax.set_yscale("log")                   # a model that gains energy would otherwise flatten the truth
+    ax.set(xlabel="simulation step", ylabel="total energy (reduced units, log scale)",
            title=f"Energy along {preset.rollout_steps}-step simulations (mean of {preset.rollout_states} states)")
     ax.legend()
     fig.tight_layout()
