@@ -691,7 +691,15 @@ def test_llc_on_one_head_moves_only_that_head(float64):
         assert (sampled[:, mask] != w0[mask]).all()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
-    assert result.traces.shape == (SMALL_SGLD.chains, SMALL_SGLD.steps)
+    assert result.traces.shape == result.w0_traces.shape == (SMALL_SGLD.chains, SMALL_SGLD.steps)
+    # eq. (3) with the paired L_n(w₀): nβ · (mean L_m(w_t) − mean L_m(w₀)) over the post-burn-in steps.
+    B = SMALL_SGLD.burn_in
+    expected = SMALL_SGLD.nbeta * (result.traces[:, B:].mean(1) - result.w0_traces[:, B:].mean(1))
+    assert torch.allclose(torch.tensor(result.chain_llc), expected)
+    # L_m(w₀) really is the loss of the unchanged model on that step's minibatch.
+    x, y = next(data(SMALL_SGLD.seed + 1))
+    with torch.no_grad():
+        assert math.isclose(float(result.w0_traces[1, 0]), float(F_mse(model(x), y)), rel_tol=1e-9)
 
 
 def F_mse(output, target):
