@@ -423,7 +423,7 @@ def bench(device: str, out: str) -> list[dict]:
     states = physim.simulate_states(SCALED.sim, 4, seed=0, device=device)          # (4, T+1, N, 4)
     x, y = states[:, :-1].flatten(0, 1), states[:, 1:].flatten(0, 1)     # a fixed pool: time SGLD, not data
     rows = []
-    for m, steps in ((8, 40), (256, 6)):
+    for m, steps in ((8, 40), (256, 8)):
         cfg = LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8)
         alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
         data = physim.dataset_batches(x, y, m)
