@@ -9,6 +9,7 @@ Read top to bottom next to the paper:
   5. Training ........................... Table 2, checkpoints, resume
   6. The model as a simulator ........... Appendix D.2, Fig. 7
   7. Local learning coefficient (SGLD) .. §2.3, Appendix B, eq. (3)-(5), Table 1
+  8. Power laws in c(t) ................. §3.2, Appendix D.1, Table 5 (and automatic regime finding)
 
 Conventions: a particle state is x = [p v] with shape (B, N, 4) (Appendix C, D = 2); positions are in
 units of the particle diameter with the box spanning [0, W] x [0, H]; gravity points along -y.
@@ -25,6 +26,8 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+import scipy.stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -404,6 +407,15 @@ class ParticleTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 COLLISION_RADIUS = 1.1  # free choice: "a small, fixed radius" = 1.1 d (touching, or within 10% of it)
+# §3.1: final collision scores cluster near 0.95 (true collision-detection heads), near 0 (no collision
+# detection) and in small clusters "between approximately 0.3 and 0.8" (partial heads).
+TRUE_HEAD_SCORE = 0.8     # free choice: the cut between partial and true heads
+PARTIAL_HEAD_SCORE = 0.3  # free choice: the cut between no collision detection and partial heads
+
+
+def head_class(score: float) -> str:
+    """The class of a head from its collision detection score (§3.1): "true", "partial" or "none"."""
+    return "true" if score >= TRUE_HEAD_SCORE else "partial" if score >= PARTIAL_HEAD_SCORE else "none"
 
 
 @torch.no_grad()
@@ -446,6 +458,18 @@ def attention_distance_correlation(attn: torch.Tensor, positions: torch.Tensor) 
     corr = cov / std                                                             # nan where std = 0
     corr = corr.masked_fill(torch.eye(N, dtype=torch.bool, device=corr.device), float("nan"))
     return corr.nanmean((-1, -2))
+
+
+@torch.no_grad()
+def moved_particle_attention(model: ParticleTransformer, state: torch.Tensor, particle: int,
+                             positions: torch.Tensor) -> torch.Tensor:
+    """Figs. 13-15 (Appendix D.4): one particle of a fixed state (N, 4) is moved to each of `positions`
+    (G, 2), every other particle left where it is; returns the attention *from* that particle in
+    every head, (L, G, H, N+1) (slot N is the zero key)."""
+    states = state.expand(len(positions), -1, -1).clone()                       # (G, N, 4)
+    states[:, particle, :2] = positions
+    _, attn = model(states, return_attention=True)                              # (L, G, H, N, N+1)
+    return attn[:, :, :, particle]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -518,10 +542,11 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
+def _write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    """rows -> CSV; `columns` names the header when there may be no rows."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else columns)
             w.writeheader()
             w.writerows(rows)
     _atomic_write(path, write)
@@ -874,3 +899,129 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
         results.append(LLCResult(llc, stderr, chain_llc.tolist(), init.tolist(), health, traces[k], w0_losses,
                                  final, cfg))
     return results[0] if single else results
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Power laws in the attention-distance correlation (§3.2, Appendix D.1, Table 5)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class PowerLawFit:
+    """log|c| = α log t + log A fitted by least squares (natural logs), i.e. |c| = A t^α: a row of
+    Table 5. α is Table 5's column "Exponent −α", negative where |c| decays."""
+    exponent: float            # α, the slope on log-log axes
+    exponent_ci: float         # half-width of α's 95% confidence interval
+    log_constant: float        # log A
+    r2: float                  # R² of the linear fit
+    start: float               # first and last training step in the fit
+    end: float
+    n_points: int
+    is_power_law: bool = True  # find_power_law_regimes: whether this piece passes its criterion ...
+    verdict: str = "fitted"    # ... and why (not)
+
+
+def _log_log(t, c, start=None, end=None):
+    """The points with t > 0 and c ≠ 0 inside [start, end]: t, log t, log|c| as float64 arrays."""
+    t, c = np.asarray(t, dtype=np.float64), np.abs(np.asarray(c, dtype=np.float64))
+    keep = (t > 0) & np.isfinite(c) & (c > 0)
+    if start is not None:
+        keep &= t >= start
+    if end is not None:
+        keep &= t <= end
+    return t[keep], np.log(t[keep]), np.log(c[keep])
+
+
+def fit_power_law(t, c, start=None, end=None, confidence: float = 0.95) -> PowerLawFit:
+    """Appendix D.1: least squares of log|c| on log t over start <= t <= end (steps t > 0 with c ≠ 0).
+    The confidence interval of α assumes, as the paper does, a linear relation with iid normal
+    zero-mean errors: α ± t_{n−2} quantile · standard error of α."""
+    t, x, y = _log_log(t, c, start, end)
+    _require(len(x) >= 3 and np.ptp(x) > 0, f"fit_power_law needs at least 3 distinct steps t > 0 with c != 0 "
+                                              f"in [{start}, {end}], got {len(x)}")
+    fit = scipy.stats.linregress(x, y)
+    r2 = float(fit.rvalue) ** 2 if np.isfinite(fit.rvalue) else 0.0
+    half_width = float(scipy.stats.t.ppf(0.5 + confidence / 2, len(x) - 2) * fit.stderr)
+    return PowerLawFit(float(fit.slope), half_width, float(fit.intercept), r2, float(t[0]), float(t[-1]), len(x))
+
+
+@dataclass
+class RegimeConfig:
+    """The criterion of find_power_law_regimes. All free choices: the paper found its sections by eye."""
+    max_segments: int = 5      # at most this many straight pieces per curve
+    min_points: int = 5        # a piece holds at least this many checkpoints ...
+    min_span: float = 1.15     # ... and spans at least this factor in t (the shortest section of
+                               #     Table 5, steps 4864-5734, spans 1.18)
+    min_r2: float = 0.7        # a power law fits its piece with R² at least this (Table 5: 0.53-0.98)
+    curvature_p: float = 0.01  # a piece is curved on log-log axes if a quadratic term in log t is
+                               #     significant at this level (F test)
+
+    def __post_init__(self):
+        _require(self.max_segments >= 1 and self.min_points >= 3 and self.min_span >= 1 and 0 <= self.min_r2 <= 1,
+                 f"RegimeConfig needs max_segments >= 1, min_points >= 3, min_span >= 1, 0 <= min_r2 <= 1: {self}")
+
+
+def find_power_law_regimes(t, c, cfg: RegimeConfig = RegimeConfig()) -> list[PowerLawFit]:
+    """Split log|c| vs log t into straight pieces and say which pieces are power laws (beyond the
+    paper, which picked its sections by eye). Returns every piece in order of t, each fitted by
+    fit_power_law; the power-law regimes are the pieces with is_power_law, and the breakpoints
+    between pieces are the transitions (e.g. between head variants, Fig. 1).
+
+    1. Segmentation: for k = 1 .. max_segments, the split into k contiguous pieces (each of at least
+       min_points points spanning a factor min_span in t) with the least total squared residual of a
+       separate line per piece, found exactly by dynamic programming; k is chosen by BIC,
+       n log(RSS/n) + 3k log n (a slope and an intercept per piece, k − 1 breakpoints, the variance).
+    2. A piece is a power-law regime iff (a) R² >= min_r2; (b) the 95% interval of α excludes 0 (|c|
+       moves; a flat stretch is no power law); (c) a power law fits the piece at least as well as an
+       exponential, log|c| linear in t: gradient flow converges exponentially near a non-degenerate
+       minimum and as a power law near a degenerate one (Appendix A.1), and this test tells them apart;
+       (d) the piece is straight on log-log axes: a quadratic term in log t does not reduce the
+       residual significantly (F test at level curvature_p).
+    """
+    t, x, y = _log_log(t, c)
+    n = len(x)
+    if n < cfg.min_points:
+        return []
+    # Squared residual of the least-squares line through points i .. j-1, for all i < j: (n+1, n+1).
+    sums = [np.concatenate([[0.0], np.cumsum(v)]) for v in (np.ones(n), x, y, x * x, x * y, y * y)]
+    S1, Sx, Sy, Sxx, Sxy, Syy = (s[None, :] - s[:, None] for s in sums)   # [i, j] = sum over i .. j-1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sxx, sxy, syy = Sxx - Sx ** 2 / S1, Sxy - Sx * Sy / S1, Syy - Sy ** 2 / S1
+        rss = np.clip(syy - sxy ** 2 / sxx, 0, None)
+    i, j = np.indices(rss.shape)
+    span = x[np.clip(j - 1, 0, n - 1)] - x[np.clip(i, 0, n - 1)]
+    rss = np.where((S1 >= cfg.min_points) & (span >= math.log(cfg.min_span) - 1e-12), rss, np.inf)
+    # Dynamic programming: best[k][j] = least RSS of points 0 .. j-1 cut into k pieces.
+    best, cut = [np.where(np.arange(n + 1) == 0, 0.0, np.inf)], []
+    for _ in range(cfg.max_segments):
+        total = best[-1][:, None] + rss                                          # (n+1 start, n+1 end)
+        best.append(total.min(0))
+        cut.append(total.argmin(0))
+    floor = n * 1e-12                      # an exact curve has RSS 0: keep the logarithm finite
+    bic = [n * math.log(max(best[k][n], floor) / n) + 3 * k * math.log(n) if np.isfinite(best[k][n]) else np.inf
+           for k in range(1, cfg.max_segments + 1)]
+    k = int(np.argmin(bic)) + 1
+    bounds, end = [], n
+    for level in range(k, 0, -1):                                                # walk the cuts back
+        start = int(cut[level - 1][end])
+        bounds.append((start, end))
+        end = start
+    pieces = []
+    for start, end in reversed(bounds):
+        fit = fit_power_law(t[start:end], np.exp(y[start:end]))
+        xs, ys, ts, m = x[start:end], y[start:end], t[start:end], end - start
+        rss_line = float(rss[start, end])
+        rss_exponential = float(np.sum((ys - np.polyval(np.polyfit(ts / ts[-1], ys, 1), ts / ts[-1])) ** 2))
+        rss_quadratic = float(np.sum((ys - np.polyval(np.polyfit(xs - xs.mean(), ys, 2), xs - xs.mean())) ** 2))
+        curved = scipy.stats.f.sf((rss_line - rss_quadratic) / max(rss_quadratic / (m - 3), 1e-300), 1, m - 3)
+        if fit.r2 < cfg.min_r2:
+            fit.is_power_law, fit.verdict = False, f"R² {fit.r2:.2f} < {cfg.min_r2}"
+        elif abs(fit.exponent) <= fit.exponent_ci:
+            fit.is_power_law, fit.verdict = False, "flat: the 95% interval of the exponent contains 0"
+        elif rss_exponential < rss_line:
+            fit.is_power_law, fit.verdict = False, "an exponential in t fits better than a power law"
+        elif curved < cfg.curvature_p:
+            fit.is_power_law, fit.verdict = False, f"curved on log-log axes (quadratic term p = {curved:.1g})"
+        else:
+            fit.verdict = "power law"
+        pieces.append(fit)
+    return pieces

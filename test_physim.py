@@ -759,7 +759,92 @@ def test_llc_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. reproduce.py end to end, on a tiny preset
+# 8. Power laws (Appendix D.1) and their automatic regimes
+# ----------------------------------------------------------------------------------------------------
+
+STEPS = np.array(P.checkpoint_steps(P.TrainConfig()), dtype=float)   # the paper's 315 checkpoints, 0..64000
+
+
+def test_fit_power_law_recovers_an_exact_power_law_and_its_window():
+    # Proves the fit is of log|c| on log t with natural logs, over [start, end] only, skipping t = 0
+    # and the sign of c: Table 5's columns.
+    c = -3.0 * np.maximum(STEPS, 1) ** -0.4                               # negative c: |c| is fitted
+    c[STEPS > 20000] = 0.5                                               # outside the window: ignored
+    fit = P.fit_power_law(STEPS, c, start=1000, end=20000)
+    assert fit.exponent == pytest.approx(-0.4, abs=1e-9)
+    assert fit.log_constant == pytest.approx(math.log(3.0), abs=1e-9)
+    assert fit.r2 == pytest.approx(1.0) and fit.exponent_ci == pytest.approx(0.0, abs=1e-9)
+    assert fit.start >= 1000 and fit.end <= 20000 and fit.n_points == ((STEPS >= 1000) & (STEPS <= 20000)).sum()
+
+
+def test_fit_power_law_interval_has_its_stated_coverage():
+    # Proves the 95% interval of the exponent (t distribution, n - 2 dof) covers the true exponent
+    # about 95% of the time when the paper's assumption (iid normal errors in log|c|) holds.
+    rng = np.random.default_rng(0)
+    t = np.geomspace(100, 10000, 12)
+    covered = 0
+    for _ in range(2000):
+        fit = P.fit_power_law(t, 2.0 * t ** -0.3 * np.exp(0.1 * rng.standard_normal(12)))
+        covered += abs(fit.exponent + 0.3) <= fit.exponent_ci
+    assert 0.935 <= covered / 2000 <= 0.965
+
+
+def _two_regimes(t):
+    """Flat at first, then |c| ∝ t^-0.3 from step 1000, then ∝ t^-0.1 from step 10000 (continuous)."""
+    c = 2.0 * np.clip(t, 1000, 10000) ** -0.3
+    return np.where(t > 10000, c * (np.maximum(t, 1) / 10000) ** -0.1, c)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_regimes_recover_known_exponents_and_breakpoint(seed):
+    # Proves find_power_law_regimes finds both power laws of a curve with a transition, at 2% noise:
+    # exponents within ±0.03 and the breakpoint within a factor 1.25 of step 10000, and rejects the
+    # flat start.
+    rng = np.random.default_rng(seed)
+    pieces = P.find_power_law_regimes(STEPS, _two_regimes(STEPS) * np.exp(0.02 * rng.standard_normal(len(STEPS))))
+    laws = [p for p in pieces if p.is_power_law]
+    assert len(laws) == 2, [(p.exponent, p.start, p.end, p.verdict) for p in pieces]
+    assert laws[0].exponent == pytest.approx(-0.3, abs=0.03) and laws[1].exponent == pytest.approx(-0.1, abs=0.03)
+    assert 8000 <= laws[0].end <= 12500 and 8000 <= laws[1].start <= 12500
+    assert not pieces[0].is_power_law and pieces[0].end <= 1250                    # the flat start
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("curve", ["exponential 2k", "exponential 5k", "exponential 20k", "noise"])
+def test_regimes_reject_curves_without_a_power_law(curve, seed):
+    # Proves exponential decay (any time constant) and pure noise, at 2% noise, yield no regime.
+    rng = np.random.default_rng(seed)
+    clean = {"exponential 2k": np.exp(-STEPS / 2000), "exponential 5k": np.exp(-STEPS / 5000),
+             "exponential 20k": np.exp(-STEPS / 20000), "noise": np.full(len(STEPS), 0.1)}[curve]
+    pieces = P.find_power_law_regimes(STEPS, clean * np.exp(0.02 * rng.standard_normal(len(STEPS))))
+    assert pieces and not any(p.is_power_law for p in pieces), [(p.exponent, p.start, p.end) for p in pieces]
+
+
+def test_regimes_of_a_single_power_law_is_one_piece():
+    pieces = P.find_power_law_regimes(STEPS, 0.5 * np.maximum(STEPS, 1) ** -0.5)
+    assert len(pieces) == 1 and pieces[0].is_power_law and pieces[0].exponent == pytest.approx(-0.5)
+
+
+def test_head_classes_follow_the_stated_thresholds():
+    assert [P.head_class(s) for s in (0.95, 0.8, 0.79, 0.3, 0.29, 0.0)] == \
+           ["true", "true", "partial", "partial", "none", "none"]
+
+
+def test_moved_particle_attention_equals_moving_it_by_hand():
+    # Proves Figs. 13-15's helper returns, for each place, the moved particle's attention row in
+    # the state with that particle moved there.
+    model, x = _tiny_model_and_state(n_particles=6, batch=1)
+    places = torch.tensor([[1.0, 1.0], [2.5, 3.0], [4.0, 0.8]])
+    got = P.moved_particle_attention(model, x[0], 2, places)                     # (L, G, H, N+1)
+    for g, place in enumerate(places):
+        moved = x[0].clone()
+        moved[2, :2] = place
+        _, attn = model(moved[None], return_attention=True)                      # (L, 1, H, N, N+1)
+        torch.testing.assert_close(got[:, g], attn[:, 0, :, 2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. reproduce.py end to end, on a tiny preset
 # ----------------------------------------------------------------------------------------------------
 
 def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
@@ -767,15 +852,22 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     # lists, and that re-running into the same folder resumes (nothing is retrained) with equal results.
     import reproduce as R
     preset = R.Preset(sim=TRAIN_SIM, model=TINY_MODEL,
-                      train=P.TrainConfig(steps=20, batch_size=8, log_checkpoints=3, even_checkpoints=2),
+                      train=P.TrainConfig(steps=20, batch_size=8, log_checkpoints=8, even_checkpoints=4),
                       data=TRAIN_DATA, runs=2, rollout_states=2, rollout_steps=10,
                       llc=P.LLCConfig(batch_size=4, steps=12, burn_in=6, chains=2), llc_checkpoints=2, llc_heads=1)
     out = str(tmp_path / "out")
     first = R.reproduce(preset, out, "cpu")
     for name in ("config.json", "final_heads.csv", "summary.json", "figures/collision_scores.png",
                  "figures/energy.png", "figures/attention_run1.png", "figures/correlation_run0.png",
-                 "run0/metrics.csv", "run0/losses.csv", "run0/simulator.json", "run1/llc.csv"):
+                 "run0/metrics.csv", "run0/losses.csv", "run0/simulator.json", "run1/llc.csv",
+                 "REPORT.md", "table5.csv", "regimes.csv", "claims.json", "timings.json",
+                 "figures/head_classes.png", "figures/exponents.png", "figures/power_laws_run1.png",
+                 "figures/collision_scores_run1.png"):
         assert os.path.exists(os.path.join(out, name)), name
+    assert any(n.startswith("moving_particle_run1") for n in os.listdir(os.path.join(out, "figures")))
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "## The paper's claims, checked" in report and "Table 5" in report
+    assert len(read_csv(os.path.join(out, "regimes.csv"))) >= 2 * 2 * 2           # every head has pieces
     assert any(n.startswith("llc_traces_run0") for n in os.listdir(os.path.join(out, "figures")))
     stamp = os.path.getmtime(os.path.join(out, "run0", "simulator.json"))
     second = R.reproduce(preset, out, "cpu")
@@ -785,6 +877,35 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     other = R.Preset(**{**preset.__dict__, "runs": 1})
     with pytest.raises(ValueError, match="different configuration"):
         R.reproduce(other, out, "cpu")
+    # --report rebuilds everything from the saved results, without training
+    os.remove(os.path.join(out, "REPORT.md"))
+    assert R.main(["--report", out, "--device", "cpu"]) == 0
+    assert os.path.exists(os.path.join(out, "REPORT.md"))
+    assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
+    capsys.readouterr()
+    assert R.main(["--report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]
+
+
+def _head(run, layer, head, cls, *exponents):
+    pieces = [P.PowerLawFit(e, 0.01, 0.0, 0.9, 1000.0 * (i + 1), 1000.0 * (i + 2), 10) for i, e in enumerate(exponents)]
+    return {"run": run, "layer": layer, "head": head, "class": cls, "score": 0.9, "pieces": pieces}
+
+
+def test_claims_verdicts_follow_their_rules():
+    # Proves each claim's verdict changes with the evidence it names.
+    import reproduce as R
+    stable = {0: {"energy_model": [10.0, 9.0], "energy_true": [10.0, 9.0]}}
+    llc = [{"run": 0, "layer": 1, "head": 0, "step": s, "llc": v} for s, v in ((1200, 2.0), (1800, 2.1), (2500, 5.0))]
+    heads = [_head(0, 1, 0, "true", -0.3), _head(0, 1, 1, "partial", -0.2), _head(0, 0, 0, "none", 0.5)]
+    verdicts = [c["verdict"] for c in R.check_claims(heads, llc, stable, [0])]
+    assert verdicts == ["supported"] * 6, verdicts
+    heads = [_head(0, 0, 0, "true", 0.4), _head(0, 1, 1, "true"), _head(0, 1, 0, "none", -0.3)]
+    unstable = {0: {"energy_model": [10.0, 90.0], "energy_true": [10.0, 9.0]}}
+    llc = [{"run": 0, "layer": 1, "head": 0, "step": s, "llc": v} for s, v in ((1200, 2.0), (1800, 4.0))]
+    verdicts = [c["verdict"] for c in R.check_claims(heads, llc, unstable, [0])]
+    assert verdicts == ["not supported"] * 6, verdicts
 
 
 def test_reproduce_bad_arguments_give_one_error_line(capsys):
