@@ -265,9 +265,9 @@ class TrainingStream:
             seed = 1_000_003 * (self.seed + 1) + chunk
             self._states = simulate_states(self.sim, self.data.chunk_trajectories, seed, self.device)
             n_pairs = self.data.chunk_trajectories * self.sim.n_steps
-            self._order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed))
+            self._order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed)).to(self._states.device)
             self._chunk_index = chunk
-        idx = self._order[offset * self.batch_size:(offset + 1) * self.batch_size].to(self._states.device)
+        idx = self._order[offset * self.batch_size:(offset + 1) * self.batch_size]
         traj, t = idx // self.sim.n_steps, idx % self.sim.n_steps
         return self._states[traj, t], self._states[traj, t + 1]    # (B, N, 4) each
 
@@ -559,12 +559,22 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, step: int, configs: 
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def save_weights(path: str, model: nn.Module, step: int, configs: dict) -> None:
+    """The model's weights alone, in half precision (2 bytes a weight, no optimiser state: 1/6 of a
+    full checkpoint), for the analyses that read a past step (the LLC); they tolerate the rounding
+    (test_half_precision_weights_leave_the_analysis_unchanged)."""
+    state = {"configs": configs, "step": step,
+             "model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint or a weights file (weights_only=True: no code is unpickled)."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def model_from_checkpoint(ckpt: dict, device=None) -> ParticleTransformer:
-    """Rebuild the trained model a checkpoint describes."""
+    """Rebuild the trained model a checkpoint or weights file describes (in float32)."""
     model = ParticleTransformer(ModelConfig(**ckpt["configs"]["model"]), SimConfig(**ckpt["configs"]["sim"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -572,6 +582,10 @@ def model_from_checkpoint(ckpt: dict, device=None) -> ParticleTransformer:
 
 def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+
+
+def weights_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "weights", f"step_{step:07d}.pt")
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -595,18 +609,35 @@ def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torc
     return score, corr, float(loss)
 
 
+def _compiled(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """torch.compile(model), or the model itself (with one warning line) where compiling fails."""
+    try:
+        compiled = torch.compile(model)
+        compiled(x)                              # compilation happens on the first call
+        return compiled
+    except Exception as e:                       # no compiler, unsupported platform, ...
+        print(f"warning: torch.compile is unavailable here ({type(e).__name__}); training eagerly", file=sys.stderr)
+        return model
+
+
 def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
-          data_cfg: DataConfig, device="cpu", stop_at: int | None = None, label: str = "train"):
+          data_cfg: DataConfig, device="cpu", stop_at: int | None = None, label: str = "train",
+          keep_weights=None, compile_model: bool = False):
     """Train one run (Table 2) into run_dir, resuming from its latest checkpoint.
 
     At every step of checkpoint_steps(train_cfg) it evaluates the §2.2 metrics of every head on the
-    held-out set, saves a checkpoint and rewrites run_dir/metrics.csv (step, layer, head,
-    collision_score, correlation) and run_dir/losses.csv. `stop_at` (a checkpoint step) ends the call
-    after the checkpoint at that step, e.g. to split a run over time-limited jobs; a later call resumes.
+    held-out set, rewrites run_dir/metrics.csv (step, layer, head, collision_score, correlation) and
+    run_dir/losses.csv, and saves a full checkpoint (what a resume needs) in place of the previous
+    one; the weights of the steps in `keep_weights` (default: every checkpoint step) are kept, in
+    half precision, under run_dir/weights/. `stop_at` (a checkpoint step) ends the call after the
+    checkpoint at that step, e.g. to split a run over time-limited jobs; a later call resumes.
+    `compile_model` trains a torch.compile'd model, falling back to eager where compiling fails.
     Returns the model.
     """
     configs = {"sim": asdict(sim), "model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    os.makedirs(os.path.join(run_dir, "weights"), exist_ok=True)
+    keep = set(checkpoint_steps(train_cfg) if keep_weights is None else keep_weights)
     torch.manual_seed(train_cfg.seed)
     model = ParticleTransformer(model_cfg, sim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -629,6 +660,7 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     progress = Progress(label, train_cfg.steps, start)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     model.train()
+    forward = None                               # the module that computes the training loss, set on step 1
     for step in range(start, train_cfg.steps + 1):
         if step == schedule[0] and not (resume and step == start):
             schedule.pop(0)
@@ -641,6 +673,11 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
                                       if loss_count else float("nan"), "heldout_loss": heldout_loss})
             loss_sum, loss_count = torch.zeros((), device=device), 0
             save_checkpoint(checkpoint_path(run_dir, step), model, optimizer, step, configs, history)
+            for name in os.listdir(os.path.join(run_dir, "checkpoints")):         # keep the latest only
+                if os.path.join(run_dir, "checkpoints", name) != checkpoint_path(run_dir, step):
+                    os.remove(os.path.join(run_dir, "checkpoints", name))
+            if step in keep:
+                save_weights(weights_path(run_dir, step), model, step, configs)
             _write_csv(os.path.join(run_dir, "metrics.csv"), history["metrics"])
             _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
             progress.update(step, f"held-out loss {heldout_loss:.3g}, best collision score "
@@ -650,7 +687,9 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
         if step == train_cfg.steps or step == stop_at:
             break
         x, y = stream.batch(step)
-        loss = next_state_loss(model, x, y)
+        if forward is None:
+            forward = _compiled(model, x) if compile_model else model
+        loss = next_state_loss(forward, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -144,10 +144,15 @@ def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> N
     physim._atomic_write(path, lambda tmp: json.dump(timings, open(tmp, "w"), indent=1))
 
 
-def reproduce(preset: Preset, out: str, device: str) -> dict:
-    """Train every run, roll each model out, estimate LLCs, then draw the figures and write the tables
-    and REPORT.md."""
+def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
+              compile_model: bool = False) -> dict:
+    """Train the runs (default: all of the preset's), roll each model out, estimate LLCs, then draw
+    the figures and write the tables and REPORT.md over every finished run in `out`. Separate
+    calls with different `runs` (one per GPU or scheduler task) can share one `out`."""
     t0 = time.time()
+    runs = list(range(preset.runs)) if runs is None else runs
+    for run in runs:
+        physim._require(0 <= run < preset.runs, f"run {run} does not exist: this preset has runs 0-{preset.runs - 1}")
     os.makedirs(out, exist_ok=True)
     config_path = os.path.join(out, "config.json")
     config = preset_config(preset)
@@ -158,12 +163,15 @@ def reproduce(preset: Preset, out: str, device: str) -> dict:
     else:
         with open(config_path, "w") as f:
             json.dump(config, f, indent=1)
-    for run in range(preset.runs):
+    for run in runs:
         rdir = run_dir(out, run)
         train_cfg = TrainConfig(**{**asdict(preset.train), "seed": run})
+        # Disk: weights are kept (in half precision) only where the LLC reads them, and at the end.
+        keep = llc_steps(physim.checkpoint_steps(train_cfg), preset.llc_checkpoints) + [train_cfg.steps]
         t = time.time()
         model = physim.train(rdir, preset.sim, preset.model, train_cfg, preset.data, device,
-                             label=f"run {run + 1}/{preset.runs} training")
+                             label=f"run {run + 1}/{preset.runs} training", keep_weights=keep,
+                             compile_model=compile_model)
         add_time(out, f"run{run} training", time.time() - t)
         sim_path = os.path.join(rdir, "simulator.json")
         if not os.path.exists(sim_path):
@@ -225,7 +233,7 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
         path = os.path.join(llc_dir, f"step_{step:07d}.json")
         if os.path.exists(path):
             continue
-        model = physim.model_from_checkpoint(physim.load_checkpoint(physim.checkpoint_path(rdir, step)), device)
+        model = physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
         t0 = time.time()
         results = physim.estimate_llc(model, torch.nn.functional.mse_loss, data,
                                       [physim.head_parameters(model, l, h) for l, h in heads], preset.llc,
@@ -867,6 +875,11 @@ def parse_args(argv):
                              "the scaled-down run that fits a 2-core CPU in 15 minutes")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute: auto picks cuda when available (default: auto)")
+    parser.add_argument("--runs", default=None, metavar="LIST",
+                        help="comma-separated run numbers to do in this call, e.g. 0,3 (default: all); "
+                             "calls for different runs can share one --out, e.g. one per GPU or Slurm task")
+    parser.add_argument("--compile", action="store_true",
+                        help="train a torch.compile'd model (falls back to eager where compiling fails)")
     parser.add_argument("--report", metavar="DIR", default=None,
                         help="rebuild every figure, table and DIR/REPORT.md from the results saved in DIR, "
                              "without training (whatever runs are finished there)")
@@ -894,7 +907,13 @@ def main(argv=None) -> int:
             for r in rows:
                 print("| " + " | ".join(str(v) for v in r.values()) + " |")
             return 0
-        summary = reproduce(preset, out, device)
+        runs = None
+        if args.runs is not None:
+            try:
+                runs = sorted({int(r) for r in args.runs.split(",")})
+            except ValueError:
+                raise ValueError(f"--runs wants comma-separated run numbers such as 0,3, got {args.runs!r}") from None
+        summary = reproduce(preset, out, device, runs, args.compile)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -295,6 +295,25 @@ def test_model_is_permutation_equivariant(float64):
     assert not torch.allclose(attn_perm, attn, atol=1e-3)           # the permutation did something
 
 
+def test_attention_equals_pytorch_multihead_attention():
+    # Proves ParticleAttention is nn.MultiheadAttention with add_zero_attn and a self-mask, in the
+    # same parameter layout (head_parameters relies on it), and that its attention weights are MHA's.
+    torch.manual_seed(0)
+    ours = P.ParticleAttention(16, 4)
+    mha = torch.nn.MultiheadAttention(16, 4, add_zero_attn=True, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(ours.in_proj.weight)
+        mha.in_proj_bias.copy_(ours.in_proj.bias)
+        mha.out_proj.weight.copy_(ours.out_proj.weight)
+        mha.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(3, 7, 16)
+    self_mask = torch.eye(7, dtype=torch.bool)
+    expected, expected_attn = mha(x, x, x, attn_mask=self_mask, need_weights=True, average_attn_weights=False)
+    out, attn = ours(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(attn, expected_attn)                                # (B, H, N, N+1)
+
+
 def test_attention_shape_normalisation_and_self_mask():
     # Proves the attention is (L, B, H, N, N+1), every row (zero slot included) sums to 1, a particle
     # never attends to itself, and the zero slot really takes some mass.
@@ -447,8 +466,42 @@ def test_short_training_lowers_loss_and_writes_csvs(trained_run):
         assert 0.0 <= float(row["collision_score"]) <= 1.0
         assert -1.0 <= float(row["correlation"]) <= 1.0
 
+    # disk: one full checkpoint (the latest), and half-precision weights at every checkpoint step
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [os.path.basename(P.checkpoint_path(run_dir, schedule[-1]))]
     for step in schedule:
-        assert os.path.exists(P.checkpoint_path(run_dir, step))
+        weights = P.load_checkpoint(P.weights_path(run_dir, step))
+        assert weights["step"] == step and all(v.dtype == torch.float16 for v in weights["model"].values())
+
+
+def test_half_precision_weights_leave_the_analysis_unchanged(trained_run):
+    # Proves the analyses that read the kept weights tolerate their half precision: head metrics
+    # within 2e-3 of the float32 model's, held-out loss within 1%, and the LLC of a head within 3%.
+    run_dir, model = trained_run
+    half = P.model_from_checkpoint(P.load_checkpoint(P.weights_path(run_dir, TRAIN_CFG.steps)))
+    _, x, y = P.heldout_set(TRAIN_SIM, TRAIN_DATA)
+    (s32, c32, l32), (s16, c16, l16) = P.head_metrics(model, x, y), P.head_metrics(half, x, y)
+    torch.testing.assert_close(s16, s32, atol=2e-3, rtol=0)
+    torch.testing.assert_close(c16, c32, atol=2e-3, rtol=0)
+    assert l16 == pytest.approx(l32, rel=1e-2)
+    cfg = P.LLCConfig(batch_size=16, steps=60, burn_in=30, chains=2)
+    data = P.dataset_batches(x, y, 16)
+    llc32, llc16 = (P.estimate_llc(m, F_mse, data, P.head_parameters(m, 1, 0), cfg) for m in (model, half))
+    assert np.allclose(llc16.chain_llc, llc32.chain_llc, rtol=0.03), (llc16.chain_llc, llc32.chain_llc)
+
+
+def test_compile_falls_back_to_eager_where_it_fails(tmp_path, monkeypatch, capsys):
+    # Proves --compile degrades cleanly: where torch.compile fails, one warning line and the run
+    # trains eagerly to the same weights as without the flag.
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = P.TrainConfig(steps=6, batch_size=8, log_checkpoints=2, even_checkpoints=1)
+    eager = P.train(str(tmp_path / "eager"), TRAIN_SIM, TINY_MODEL, cfg, TRAIN_DATA)
+    fallback = P.train(str(tmp_path / "fallback"), TRAIN_SIM, TINY_MODEL, cfg, TRAIN_DATA, compile_model=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "torch.compile" in warnings[0]
+    for a, b in zip(eager.state_dict().values(), fallback.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_interrupted_run_resumes_bit_identically(trained_run, tmp_path):
@@ -856,7 +909,10 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
                       data=TRAIN_DATA, runs=2, rollout_states=2, rollout_steps=10,
                       llc=P.LLCConfig(batch_size=4, steps=12, burn_in=6, chains=2), llc_checkpoints=2, llc_heads=1)
     out = str(tmp_path / "out")
-    first = R.reproduce(preset, out, "cpu")
+    shard = R.reproduce(preset, out, "cpu", runs=[1])                    # one shard, as one Slurm task would
+    assert shard["runs"] == [1] and not os.path.exists(os.path.join(out, "run0"))
+    first = R.reproduce(preset, out, "cpu")                              # the other shard; the report merges
+    assert first["runs"] == [0, 1]
     for name in ("config.json", "final_heads.csv", "summary.json", "figures/collision_scores.png",
                  "figures/energy.png", "figures/attention_run1.png", "figures/correlation_run0.png",
                  "run0/metrics.csv", "run0/losses.csv", "run0/simulator.json", "run1/llc.csv",
@@ -883,6 +939,8 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "REPORT.md"))
     assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
     capsys.readouterr()
+    assert R.main(["--runs", "0,7", "--out", out]) == 2
+    assert "run 7 does not exist" in capsys.readouterr().err
     assert R.main(["--report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]
