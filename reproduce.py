@@ -821,40 +821,98 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
 # Benchmarks (python reproduce.py bench)
 # ----------------------------------------------------------------------------------------------------
 
+class MHABaseline(torch.nn.Module):
+    """The plain baseline of the training benchmark: PyTorch's eager nn.MultiheadAttention with a
+    self-mask and add_zero_attn in place of ParticleAttention (the same function, proven by
+    test_attention_equals_pytorch_multihead_attention)."""
+
+    def __init__(self, embed_dim: int, n_heads: int):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(embed_dim, n_heads, add_zero_attn=True, batch_first=True)
+
+    def forward(self, x):
+        N = x.shape[1]
+        self_mask = torch.eye(N, dtype=torch.bool, device=x.device)
+        return self.mha(x, x, x, attn_mask=self_mask, need_weights=False)
+
+
 def bench(device: str, out: str) -> list[dict]:
-    """estimate_llc on the scaled-down physics model restricted to one head: 8 chains batched in one
-    vmap against the same 8 chains run one after another in a Python loop, both measured in this
-    run, at the scaled-down run's minibatch (m = 8) and at Table 1's (m = 256). Reports chain-steps
-    per second and their ratio."""
+    """Each of our batched or fused paths against a plain baseline, both measured in this run:
+    - the simulator: 16 trajectories in one batched call vs one trajectory at a time (Table 3, 256 steps);
+    - a training step (forward, backward, Adam) of the paper's model at batch 64: ours vs the same
+      model built on eager nn.MultiheadAttention;
+    - estimate_llc on the scaled-down model restricted to one head: 8 chains batched in one vmap vs
+      the same 8 chains one after another, at the scaled-down run's minibatch (m = 8) and Table 1's
+      (m = 256).
+    Writes out/bench.csv and returns its rows."""
+    rows = []
+
+    def timed(fn, repeat: int = 1) -> float:
+        """Median wall time of `repeat` calls (after one warm-up call)."""
+        fn()
+        times = []
+        for _ in range(repeat):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    sim = SCALED.sim
+    p, v = physim.random_initial_state(sim, 16, torch.Generator().manual_seed(0), device)
+    t_loop = timed(lambda: [physim.simulate(p[i:i + 1], v[i:i + 1], sim, 256) for i in range(16)])
+    t_batch = timed(lambda: physim.simulate(p, v, sim, 256))
+    rows.append({"benchmark": "simulator, 16 trajectories x 256 steps", "baseline": "one trajectory at a time",
+                 "ours": "all 16 batched", "baseline steps/s": round(16 * 256 / t_loop, 1),
+                 "ours steps/s": round(16 * 256 / t_batch, 1), "speedup": round(t_loop / t_batch, 2),
+                 "device": device, "threads": torch.get_num_threads()})
+
+    torch.manual_seed(0)
+    ours = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
+    baseline = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
+    for block in baseline.blocks:
+        block.attn = MHABaseline(FULL.model.embed_dim, FULL.model.n_heads).to(device)
+    baseline.load_state_dict({k.replace("attn.in_proj.weight", "attn.mha.in_proj_weight")
+                               .replace("attn.in_proj.bias", "attn.mha.in_proj_bias")
+                               .replace("attn.out_proj", "attn.mha.out_proj"): v for k, v in ours.state_dict().items()})
+    stream = physim.TrainingStream(FULL.sim, DataConfig(chunk_trajectories=4), FULL.train.batch_size, 0, device)
+    x, y = stream.batch(0)
+    with torch.no_grad():
+        physim._require(torch.allclose(ours(x), baseline(x), atol=1e-4), "bench: the baseline model differs from ours")
+
+    def train_step(model, optimizer):
+        loss = physim.next_state_loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    opt_ours, opt_base = torch.optim.Adam(ours.parameters()), torch.optim.Adam(baseline.parameters())
+    t_base = timed(lambda: train_step(baseline, opt_base), repeat=5)
+    t_ours = timed(lambda: train_step(ours, opt_ours), repeat=5)
+    rows.append({"benchmark": f"training step, paper's model, batch {FULL.train.batch_size}",
+                 "baseline": "eager nn.MultiheadAttention", "ours": "ParticleAttention",
+                 "baseline steps/s": round(1 / t_base, 2), "ours steps/s": round(1 / t_ours, 2),
+                 "speedup": round(t_base / t_ours, 2), "device": device, "threads": torch.get_num_threads()})
+
     torch.manual_seed(0)
     model = physim.ParticleTransformer(SCALED.model, SCALED.sim).to(device)
     head = physim.head_parameters(model, 1, 0)
     mse = torch.nn.functional.mse_loss
-
-    def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     states = physim.simulate_states(SCALED.sim, 4, seed=0, device=device)          # (4, T+1, N, 4)
     x, y = states[:, :-1].flatten(0, 1), states[:, 1:].flatten(0, 1)     # a fixed pool: time SGLD, not data
-    rows = []
     for m, steps in ((8, 40), (256, 8)):
         cfg = LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8)
         alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
         data = physim.dataset_batches(x, y, m)
-        physim.estimate_llc(model, mse, data, head, alone[0])                # warm-up
         t_loop = timed(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone])
         t_batch = timed(lambda: physim.estimate_llc(model, mse, data, head, cfg))
         chain_steps = cfg.chains * cfg.steps
-        rows.append({"benchmark": f"SGLD on one head, 8 chains, m={m}",
-                     "baseline (chains in a Python loop) chain-steps/s": round(chain_steps / t_loop, 1),
-                     "ours (chains batched by vmap) chain-steps/s": round(chain_steps / t_batch, 1),
-                     "speedup": round(t_loop / t_batch, 2), "device": device, "threads": torch.get_num_threads()})
+        rows.append({"benchmark": f"SGLD on one head, 8 chains, m={m}", "baseline": "chains in a Python loop",
+                     "ours": "chains batched by vmap", "baseline steps/s": round(chain_steps / t_loop, 1),
+                     "ours steps/s": round(chain_steps / t_batch, 1), "speedup": round(t_loop / t_batch, 2),
+                     "device": device, "threads": torch.get_num_threads()})
     os.makedirs(out, exist_ok=True)
     physim._write_csv(os.path.join(out, "bench.csv"), rows)
     return rows
