@@ -815,7 +815,7 @@ def test_llc_bad_arguments():
 # 8. Power laws (Appendix D.1) and their automatic regimes
 # ----------------------------------------------------------------------------------------------------
 
-STEPS = np.array(P.checkpoint_steps(P.TrainConfig()), dtype=float)   # the paper's 315 checkpoints, 0..64000
+STEPS = np.array(P.checkpoint_steps(P.TrainConfig()), dtype=float)   # the full schedule: 309 checkpoints, 0..64000
 
 
 def test_fit_power_law_recovers_an_exact_power_law_and_its_window():
