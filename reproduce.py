@@ -1,14 +1,18 @@
 """Reproduce the paper's figures with physim.
 
     python reproduce.py                 # scaled-down run: one small model, a 2-core CPU, <= 15 minutes
-    python reproduce.py --full          # the paper's scale (Tables 2-4, five runs): wants a GPU
-    python reproduce.py --out DIR --device auto|cpu|cuda
+    python reproduce.py --full          # the paper's scale (Tables 1-4, five runs): wants a GPU
+    python reproduce.py --full --runs 0,3   # only these runs (shards of one results folder)
+    python reproduce.py --report DIR    # rebuild every figure and table and DIR/REPORT.md, no training
+    python reproduce.py bench           # our batched paths against plain baselines
+    python reproduce.py --out DIR --device auto|cpu|cuda [--compile]
 
-Everything goes under one output folder (default runs/scaled or runs/full): per run its checkpoints,
-metrics.csv (step x layer x head -> collision score, c), losses.csv and simulator.json; figures/ with
-the paper-style figures; final_heads.csv and summary.json. Re-running the same command after an
-interruption resumes: finished runs and rollouts are kept, an unfinished run continues from its
-latest checkpoint.
+Everything goes under one output folder (default runs/scaled or runs/full): per run its latest
+checkpoint, half-precision weights where the LLC reads them, metrics.csv (step x layer x head ->
+collision score, c), losses.csv, simulator.json and the LLC estimates; figures/ with the paper-style
+figures; final_heads.csv, regimes.csv, table5.csv, claims.json, timings.json, summary.json and
+REPORT.md. Re-running the same command after an interruption resumes: finished stages are kept, an
+unfinished run continues from its latest checkpoint.
 """
 from __future__ import annotations
 
