@@ -305,11 +305,11 @@ def write_report(out: str, device: str) -> dict:
                                    "correlation": round(float(corr[-1, l, h]), 4),
                                    "class": physim.head_class(score[-1, l, h])})
         plot_correlations(steps, score, corr, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
-        plot_attention(run_dir(out, run), score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"),
-                       device)
+        model = physim.model_from_checkpoint(physim.load_checkpoint(physim.latest_checkpoint(run_dir(out, run))), device)
+        plot_attention(model, score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
         plot_score_histogram([metrics[run]], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"),
                              f"run {run}")
-        plot_moving_particle(run_dir(out, run), score[-1], preset, trajectory, fig_dir, run, device)
+        plot_moving_particle(model, score[-1], preset, trajectory, fig_dir, run)
     physim._write_csv(os.path.join(out, "final_heads.csv"), final_rows)
     plot_score_histogram(list(metrics.values()), preset.train, os.path.join(fig_dir, "collision_scores.png"),
                          f"{len(runs)} run(s)")
@@ -492,12 +492,10 @@ def plot_correlations(steps, score, corr, path: str, run: int) -> None:
     plt.close(fig)
 
 
-def plot_attention(rdir: str, final_score: np.ndarray, preset: Preset, trajectory: torch.Tensor, path: str,
-                   device: str) -> None:
+def plot_attention(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
+                   trajectory: torch.Tensor, path: str) -> None:
     """Fig. 3: attention of the best head and of a non-collision head, on a free-fall state and on a
     settled state of an unseen trajectory (T+1, N, 4); a line per pair (i -> j), opacity = attention α_ij."""
-    ckpt = physim.load_checkpoint(physim.latest_checkpoint(rdir))
-    model = physim.model_from_checkpoint(ckpt, device)
     states = torch.stack([trajectory[30], trajectory[-1]])                  # free fall, settled
     with torch.no_grad():
         _, attn = model(states, return_attention=True)                    # (L, 2, H, N, N+1)
@@ -681,14 +679,12 @@ def plot_exponents(table5: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_moving_particle(rdir: str, final_score: np.ndarray, preset: Preset, trajectory: torch.Tensor,
-                         fig_dir: str, run: int, device: str) -> None:
+def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset, trajectory: torch.Tensor,
+                         fig_dir: str, run: int) -> None:
     """Figs. 13-15: in a fixed state of an unseen trajectory, one particle (green) is moved to 12 places
     (6 touching other particles, 6 free) and the attention it gives to every other particle is
     drawn (red, opacity = attention weight), for the best head and the best partial head (if any)
     and a head without collision detection."""
-    ckpt = physim.load_checkpoint(physim.latest_checkpoint(rdir))
-    model = physim.model_from_checkpoint(ckpt, device)
     state = trajectory[preset.sim.n_steps // 4]                                 # (N, 4), mid-way to settling
     particle = int(state[:, 1].argmax())                                         # the highest particle
     others = torch.cat([state[:particle, :2], state[particle + 1:, :2]])
