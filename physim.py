@@ -791,14 +791,15 @@ def head_parameters(model: ParticleTransformer, block: int, head: int) -> dict:
             prefix + "out_proj.weight": cols[None, :].expand(E, E).clone()}
 
 
-def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, block: int = 256):
     """Data source for estimate_llc from a fixed dataset: seed -> endless random minibatches
-    (drawn with replacement)."""
+    (drawn with replacement). Indices are drawn on the CPU (the same seed gives the same minibatches
+    on every device), `block` minibatches at a time: one host-to-device copy per block, not per step."""
     def batches(seed: int):
         g = torch.Generator().manual_seed(seed)
         while True:
-            idx = torch.randint(len(x), (batch_size,), generator=g).to(x.device)
-            yield x[idx], y[idx]
+            for idx in torch.randint(len(x), (block, batch_size), generator=g).to(x.device):  # (block, m)
+                yield x[idx], y[idx]
     return batches
 
 

@@ -10,9 +10,14 @@ What is checked, section by section of physim.py:
   5. Training: the loss goes down, the CSVs are right, an interrupted run resumes bit-identically,
      checkpoints load with weights_only=True, bad configs raise one clear ValueError.
   6. The model as a simulator: rollout and evaluate_simulator shapes.
+  7. LLC: the SGLD estimator recovers known learning coefficients (regular, degenerate, restricted),
+     moves only the sampled head, gives the same chains batched or alone, flags unhealthy chains.
+  8. Power laws: exact fits, interval coverage, regimes found where they are and not where they aren't.
+  9. reproduce.py end to end on a tiny preset: sharded runs, resume, --report, claims, bad arguments.
+ 10. The CUDA path on the CPU: no line of physim.py makes a host-device round trip once per step.
 
 Physics tests run in float64 (fixture `float64`); everything uses tiny configs so the file runs in
-about 25 s on two CPU cores.
+about 1.5 minutes on two CPU cores.
 """
 import csv
 import math
@@ -976,3 +981,78 @@ def test_reproduce_bad_arguments_give_one_error_line(capsys):
         assert R.main(["--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and "CUDA" in err[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. The CUDA path, exercised on the CPU: no host-device round trip per step
+# ----------------------------------------------------------------------------------------------------
+
+# Tensor methods that, on a CUDA tensor, make the host wait for the device (a round trip).
+SYNCING = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__", "__index__", "__format__")
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """Counts, per line of physim.py, the calls of SYNCING methods made there (torch's own internal
+    calls are not counted): a Counter {line number: calls}."""
+    import collections
+    import sys
+    counts = collections.Counter()
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == P.__file__:
+                counts[sys._getframe(1).f_lineno] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def _per_step_syncs(counts, steps: int) -> dict:
+    """The lines of physim.py that synchronised at least once per step: {line: calls}."""
+    return {line: n for line, n in counts.items() if n >= steps}
+
+
+def test_the_detector_sees_a_per_step_sync(host_syncs):
+    # Proves the detector below can fail: a physim line that reads a tensor's value on the host
+    # (head_class compares it with a threshold: Tensor.__bool__) once a step is caught.
+    for step in range(30):
+        P.head_class(torch.tensor(0.1 * (step % 10)))
+    assert len(_per_step_syncs(host_syncs, 30)) >= 1
+
+
+def test_hot_loops_make_no_host_sync_per_step(host_syncs, tmp_path):
+    # Proves the simulator, the training loop, rollout and SGLD make no host-device round trip per
+    # step: no line of physim.py synchronises as often as once a step (syncs at checkpoints and
+    # after the loop are fine). On the CPU nothing waits, but the same code runs on CUDA.
+    steps = 60
+    sim = P.SimConfig(n_particles=6, n_steps=16, box_width=5.0, box_height=5.0)
+    p, v = P.random_initial_state(sim, 2, torch.Generator().manual_seed(0))
+    P.simulate(p, v, sim, steps)
+    assert _per_step_syncs(host_syncs, steps) == {}, "simulate"
+
+    train_cfg = P.TrainConfig(steps=steps, batch_size=8, log_checkpoints=2, even_checkpoints=2)
+    model = P.train(str(tmp_path), sim, TINY_MODEL, train_cfg, P.DataConfig(chunk_trajectories=2, heldout_trajectories=1,
+                                                                            heldout_states=8))
+    assert _per_step_syncs(host_syncs, steps) == {}, "train"
+
+    P.rollout(model, torch.cat([p, v], -1), steps)
+    assert _per_step_syncs(host_syncs, steps) == {}, "rollout"
+
+    for data in (P.simulator_batches(sim, P.DataConfig(chunk_trajectories=2), 4),
+                 P.dataset_batches(*P.simulate_states(sim, 2, seed=1)[:, :2].unbind(1), batch_size=4)):
+        cfg = P.LLCConfig(step_size=1e-4, nbeta=100.0, batch_size=4, steps=steps, burn_in=30, chains=2)
+        P.estimate_llc(model, F_mse, data, [P.head_parameters(model, 0, 0), P.head_parameters(model, 1, 1)], cfg)
+        assert _per_step_syncs(host_syncs, steps) == {}, "estimate_llc"
+
+
+def test_dataset_batches_are_the_same_whatever_the_block():
+    # Proves drawing minibatch indices a block at a time (one host-to-device copy per block) serves
+    # the same minibatches as drawing them one step at a time.
+    x, y = torch.arange(1000.0)[:, None], torch.arange(1000.0)
+    one, blocked = P.dataset_batches(x, y, 8, block=1)(3), P.dataset_batches(x, y, 8, block=256)(3)
+    for _ in range(300):                                 # across a block boundary
+        a, b = next(one), next(blocked)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
