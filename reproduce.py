@@ -4,7 +4,7 @@
     python reproduce.py --full          # the paper's scale (Tables 1-4, five runs): wants a GPU
     python reproduce.py --full --runs 0,3   # only these runs (shards of one results folder)
     python reproduce.py --report DIR    # rebuild every figure and table and DIR/REPORT.md, no training
-    python reproduce.py bench           # our batched paths against plain baselines
+    python reproduce.py bench           # batched paths vs plain baselines; projected hours here
     python reproduce.py --out DIR --device auto|cpu|cuda [--compile]
 
 Everything goes under one output folder (default runs/scaled or runs/full): per run its latest
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -220,9 +222,34 @@ def paired_trace(r: physim.LLCResult, thin: int) -> torch.Tensor:
     return paired[:, :paired.shape[1] // thin * thin].reshape(len(paired), -1, thin).mean(-1)
 
 
+def llc_of_heads(model, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None):
+    """estimate_llc of each (layer, head), `group` heads batched in one vmap per SGLD step. Where a
+    group does not fit in the device's memory it retries with groups half as large. The numbers do
+    not depend on the grouping: chain c of every head draws the same noise and data (tested).
+    Returns the LLCResults and the group size that fitted."""
+    while True:
+        try:
+            results = []
+            for i in range(0, len(heads), group):
+                part = heads[i:i + group]
+                results += physim.estimate_llc(model, torch.nn.functional.mse_loss, data,
+                                               [physim.head_parameters(model, l, h) for l, h in part], cfg,
+                                               label=label and (label + (f", heads {i + 1}-{i + len(part)}"
+                                                                         if group < len(heads) else "")))
+            return results, group
+        except torch.OutOfMemoryError:
+            physim._require(group > 1, "out of device memory estimating the LLC of a single head: lower "
+                                       "LLCConfig.chains or LLCConfig.batch_size")
+            group = (group + 1) // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"\n{label or 'LLC'}: out of device memory; retrying with {group} heads batched", file=sys.stderr)
+
+
 def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
     """The parameter-restricted LLC (Appendix B) of the chosen heads at checkpoints spread over
-    training, all heads x chains batched per SGLD step. One JSON per checkpoint under rdir/llc/ (with
+    training, all heads x chains batched per SGLD step (in smaller groups of heads where they do not
+    fit in the device's memory). One JSON per checkpoint under rdir/llc/ (with
     each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
     <= 500 points for plotting), collected in rdir/llc.csv."""
     steps, score, _ = read_metrics(rdir)
@@ -233,14 +260,14 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
     # chains without simulating far more than they use.
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=8), preset.llc.batch_size, device)
     chosen = llc_steps(steps, preset.llc_checkpoints)
+    group = len(heads)
     for i, step in enumerate(chosen):
         path = os.path.join(llc_dir, f"step_{step:07d}.json")
         if os.path.exists(path):
             continue
         model = physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
         t0 = time.time()
-        results = physim.estimate_llc(model, torch.nn.functional.mse_loss, data,
-                                      [physim.head_parameters(model, l, h) for l, h in heads], preset.llc,
+        results, group = llc_of_heads(model, data, heads, preset.llc, group,
                                       label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})")
         thin = max(1, preset.llc.steps // 500)
         record = {"step": step, "seconds": round(time.time() - t0, 2), "trace_thinning": thin, "heads": [
@@ -918,6 +945,116 @@ def bench(device: str, out: str) -> list[dict]:
     return rows
 
 
+def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
+    """How long `preset` takes on this device, projected from unit costs measured now: one row per
+    stage (unit, its measured seconds, how many units all of the preset's runs make, their product)
+    and a total. Per run:
+      training = steps x (a training step + its share of simulating a data chunk)
+                 + checkpoints x (held-out metrics + writing the checkpoint) + the held-out set;
+      rollout  = the ground truth + rollout_steps model steps + the one-step errors (Appendix D.2);
+      LLC      = llc_checkpoints x (llc_heads + 1) (head, checkpoint) estimates: the most a run makes
+                 (it makes fewer where fewer heads become collision heads).
+    The LLC unit is timed on 4 SGLD steps with all of those heads x chains batched, as run_llc
+    batches them; only on the CPU at full scale, where that batch would not fit in memory, on one
+    head (x chains), times the heads. Data and weights are random: costs do not depend on them."""
+    sim, model_cfg, train_cfg, llc = preset.sim, preset.model, preset.train, preset.llc
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def seconds(fn, repeat: int = 3, warm_up: bool = True) -> float:
+        """Median wall time of `repeat` calls of fn, after one warm-up call."""
+        if warm_up:
+            fn()
+        times = []
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def simulation(trajectories: int, steps: int) -> float:
+        """Seconds to simulate `trajectories` trajectories of `steps` steps: 16 steps timed, scaled."""
+        p, v = physim.random_initial_state(sim, trajectories, torch.Generator().manual_seed(0), device)
+        return seconds(lambda: physim.simulate(p, v, sim, 16), repeat=1) * steps / 16
+
+    torch.manual_seed(0)
+    model = physim.ParticleTransformer(model_cfg, sim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    stream = physim.TrainingStream(sim, preset.data, train_cfg.batch_size, 0, device)
+    sync()
+    t0 = time.perf_counter()
+    pool_x, pool_y = stream.batch(0)                          # simulates a whole data chunk ...
+    sync()
+    data_share = (time.perf_counter() - t0) / stream.batches_per_chunk     # ... shared by its batches
+    batches = [stream.batch(i % stream.batches_per_chunk) for i in range(256 // train_cfg.batch_size + 1)]
+    pool_x, pool_y = (torch.cat(part)[:256] for part in zip(*batches))                  # (256, N, 4) each
+    steps = itertools.count(1)
+
+    def train_step():
+        loss = physim.next_state_loss(model, *stream.batch(next(steps) % stream.batches_per_chunk))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    heldout = pool_x[torch.arange(preset.data.heldout_states) % len(pool_x)]
+
+    def checkpoint():
+        physim.head_metrics(model, heldout, heldout)
+        with tempfile.TemporaryDirectory() as tmp:
+            physim.save_checkpoint(os.path.join(tmp, "c.pt"), model, optimizer, 0, {}, {"metrics": []})
+            physim.save_weights(os.path.join(tmp, "w.pt"), model, 0, {})
+    n_checkpoints = len(physim.checkpoint_steps(train_cfg))
+    rows = [("training", f"training step, batch {train_cfg.batch_size}, with its data", seconds(train_step, 5)
+             + data_share, train_cfg.steps),
+            ("training", f"held-out metrics on {preset.data.heldout_states} states and a checkpoint",
+             seconds(checkpoint), n_checkpoints),
+            ("training", f"simulating the held-out set ({preset.data.heldout_trajectories} trajectories)",
+             simulation(preset.data.heldout_trajectories, sim.n_steps), 1)]
+
+    with torch.no_grad():
+        step_b = seconds(lambda: model(pool_x[:preset.rollout_states]), 5)
+        step_256 = seconds(lambda: model(pool_x), 3)
+    rollout = (simulation(preset.rollout_states, preset.rollout_steps) + preset.rollout_steps * step_b
+               + math.ceil(preset.rollout_states * preset.rollout_steps / 256) * step_256)
+    rows.append(("rollout", f"{preset.rollout_states} states x {preset.rollout_steps} steps, and the truth", rollout, 1))
+
+    heads = [divmod(i % (model_cfg.n_blocks * model_cfg.n_heads), model_cfg.n_heads) for i in range(preset.llc_heads + 1)]
+    # On the CPU at full scale all heads batched would need ~60 GB (about 0.9 GB per head and chain
+    # at m = 256); a CPU that runs out of memory is killed, not told: time one head there.
+    big = device == "cpu" and len(heads) * llc.chains * llc.batch_size * sim.n_particles > 2 ** 20
+    timed = heads[:1] if big else heads
+    data = physim.dataset_batches(pool_x, pool_y, llc.batch_size)
+    group = len(timed)
+
+    def sgld(n_steps: int) -> float:
+        nonlocal group
+        sync()
+        t0 = time.perf_counter()
+        _, group = llc_of_heads(model, data, timed, LLCConfig(**{**asdict(llc), "steps": n_steps, "burn_in": 0}), group)
+        sync()
+        return time.perf_counter() - t0
+    short = sgld(4)                      # the first call also pays one-off set-up costs
+    if short < 4:                        # cheap steps: time again, differencing out each call's fixed costs
+        short = sgld(4)
+        sgld_step = (sgld(24) - short) / 20
+    else:
+        sgld_step = short / 4
+    # run_llc's data: every chain simulates its own chunks of 8 fresh trajectories (8 * n_steps pairs)
+    chunks = math.ceil(llc.steps * llc.batch_size / (8 * sim.n_steps))
+    llc_data = llc.chains * chunks * simulation(8, sim.n_steps)
+    per_estimate = llc.steps * sgld_step / len(timed) + llc_data / len(heads)
+    rows.append(("LLC", f"one (head, checkpoint): {llc.chains} chains x {llc.steps} SGLD steps at m = "
+                        f"{llc.batch_size}, " + ("timed on 1 head" if big else f"{group} of {len(heads)} heads batched"),
+                 per_estimate, preset.llc_checkpoints * len(heads)))
+    table = [{"preset": label, "stage": stage, "unit": unit, "unit seconds": round(t, 4), "units": n * preset.runs,
+              "seconds": round(t * n * preset.runs, 1), "hours": round(t * n * preset.runs / 3600, 2)}
+             for stage, unit, t, n in rows]
+    total = sum(r["seconds"] for r in table)
+    table.append({"preset": label, "stage": "total", "unit": f"{preset.runs} run(s) on one {device} device",
+                  "unit seconds": "", "units": "", "seconds": round(total, 1), "hours": round(total / 3600, 2)})
+    return table
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
@@ -927,7 +1064,8 @@ def parse_args(argv):
         description="Reproduce 'Emergence of Computational Structure in a Neural Network Physics Simulator'.")
     parser.add_argument("command", nargs="?", choices=["run", "bench"], default="run",
                         help="run: train, measure and draw everything (default); bench: time the batched "
-                             "parts against plain baselines and write bench.csv")
+                             "parts against plain baselines (bench.csv) and project the wall time of the "
+                             "scaled and the --full run on this device (projection.csv)")
     parser.add_argument("--full", action="store_true",
                         help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
                              "the scaled-down run that fits a 2-core CPU in 15 minutes")
@@ -960,10 +1098,11 @@ def main(argv=None) -> int:
                 f"{claim}: {verdict}" for claim, verdict in summary["claims"].items()))
             return 0
         if args.command == "bench":
-            rows = bench(device, out)
-            print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
-            for r in rows:
-                print("| " + " | ".join(str(v) for v in r.values()) + " |")
+            as_text = lambda rows: markdown_table([{k: str(v) for k, v in r.items()} for r in rows])  # noqa: E731
+            print(as_text(bench(device, out)))
+            projection = projected_time(SCALED, device, "scaled") + projected_time(FULL, device, "full")
+            physim._write_csv(os.path.join(out, "projection.csv"), projection)
+            print(f"Projected wall time on this {device} device (projection.csv):\n" + as_text(projection))
             return 0
         runs = None
         if args.runs is not None:

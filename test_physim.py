@@ -905,14 +905,17 @@ def test_moved_particle_attention_equals_moving_it_by_hand():
 # 9. reproduce.py end to end, on a tiny preset
 # ----------------------------------------------------------------------------------------------------
 
+# A tiny preset: everything reproduce.py does, in seconds.
+TINY_PRESET_ARGS = dict(sim=TRAIN_SIM, model=TINY_MODEL, data=TRAIN_DATA, rollout_states=2, rollout_steps=10,
+                        train=P.TrainConfig(steps=20, batch_size=8, log_checkpoints=8, even_checkpoints=4),
+                        llc=P.LLCConfig(batch_size=4, steps=12, burn_in=6, chains=2), llc_checkpoints=2)
+
+
 def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     # Proves the whole pipeline (train, rollout, LLC, figures, tables) runs and writes what the README
     # lists, and that re-running into the same folder resumes (nothing is retrained) with equal results.
     import reproduce as R
-    preset = R.Preset(sim=TRAIN_SIM, model=TINY_MODEL,
-                      train=P.TrainConfig(steps=20, batch_size=8, log_checkpoints=8, even_checkpoints=4),
-                      data=TRAIN_DATA, runs=2, rollout_states=2, rollout_steps=10,
-                      llc=P.LLCConfig(batch_size=4, steps=12, burn_in=6, chains=2), llc_checkpoints=2, llc_heads=1)
+    preset = R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS)
     out = str(tmp_path / "out")
     shard = R.reproduce(preset, out, "cpu", runs=[1])                    # one shard, as one Slurm task would
     assert shard["runs"] == [1] and not os.path.exists(os.path.join(out, "run0"))
@@ -949,6 +952,59 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     assert R.main(["--report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]
+
+
+def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, monkeypatch, capsys):
+    # Proves that where all heads batched run out of device memory, run_llc's estimates are made in
+    # smaller groups of heads and come out identical; a single head that does not fit is one clear error.
+    import reproduce as R
+    model, sim = _tiny_physics_model()
+    data = P.simulator_batches(sim, P.DataConfig(chunk_trajectories=2), SMALL_SGLD.batch_size)
+    heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    together, group = R.llc_of_heads(model, data, heads, SMALL_SGLD, group=4)
+    assert group == 4
+    estimate = P.estimate_llc
+
+    def small_device(model, criterion, data, subsets, cfg, label=None):
+        if len(subsets) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return estimate(model, criterion, data, subsets, cfg, label)
+    monkeypatch.setattr(P, "estimate_llc", small_device)
+    limit = 2
+    grouped, group = R.llc_of_heads(model, data, heads, SMALL_SGLD, group=4)
+    assert group == 2 and "retrying with 2 heads batched" in capsys.readouterr().err
+    for a, b in zip(together, grouped):
+        assert a.chain_llc == b.chain_llc and torch.equal(a.traces, b.traces)
+    limit = 0
+    with pytest.raises(ValueError, match="single head"):
+        R.llc_of_heads(model, data, heads, SMALL_SGLD, group=4)
+
+
+def test_projection_counts_every_unit_the_preset_runs():
+    # Proves the projected wall time adds up each stage's measured unit cost times the number of
+    # units the preset runs: training steps, checkpoints, rollouts and (head, checkpoint) LLC estimates.
+    import reproduce as R
+    preset = R.Preset(runs=2, llc_heads=2, **TINY_PRESET_ARGS)
+    rows = R.projected_time(preset, "cpu", "tiny")
+    units = [r["units"] for r in rows[:-1]]
+    assert units == [2 * 20, 2 * len(P.checkpoint_steps(preset.train)), 2, 2, 2 * 2 * 3]
+    assert all(r["unit seconds"] > 0 and r["seconds"] == pytest.approx(r["unit seconds"] * r["units"], rel=1e-2, abs=0.1)
+               for r in rows[:-1])
+    assert rows[-1]["stage"] == "total" and rows[-1]["seconds"] == pytest.approx(sum(r["seconds"] for r in rows[:-1]), abs=0.1)
+
+
+def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsys):
+    # Proves `reproduce.py bench` measures every comparison and writes bench.csv and projection.csv
+    # (on tiny stand-ins for the scaled and full presets, to keep the test short).
+    import reproduce as R
+    monkeypatch.setattr(R, "SCALED", R.Preset(runs=1, llc_heads=1, **TINY_PRESET_ARGS))
+    monkeypatch.setattr(R, "FULL", R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS))
+    assert R.main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    bench = read_csv(tmp_path / "bench.csv")
+    assert len(bench) == 4 and all(float(r["speedup"]) > 0 for r in bench)
+    projection = read_csv(tmp_path / "projection.csv")
+    assert [r["preset"] for r in projection if r["stage"] == "total"] == ["scaled", "full"]
+    assert "Projected wall time" in capsys.readouterr().out
 
 
 def _head(run, layer, head, cls, *exponents):
