@@ -645,7 +645,8 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     start = 0
     resume = latest_checkpoint(run_dir)
     if resume:
-        ckpt = load_checkpoint(resume, map_location=device)
+        ckpt = load_checkpoint(resume)   # on the CPU: the RNG state must be there, and so must Adam's step
+                                         # counts (on a GPU they would cost a host sync every step)
         _require(ckpt["configs"] == configs,
                  f"{run_dir} holds a run with a different configuration; choose another output folder")
         model.load_state_dict(ckpt["model"])
