@@ -222,6 +222,13 @@ def paired_trace(r: physim.LLCResult, thin: int) -> torch.Tensor:
     return paired[:, :paired.shape[1] // thin * thin].reshape(len(paired), -1, thin).mean(-1)
 
 
+def llc_chunk_trajectories(preset: Preset) -> int:
+    """Trajectories simulated together for an SGLD chain's fresh data: enough for the whole chain
+    (steps x m pairs), at least 8 (short chains: not far more than they use) and at most 128 (long
+    chains: ~130 MB a chunk at N = 64; a GPU simulates 128 trajectories about as fast as 8)."""
+    return min(128, max(8, math.ceil(preset.llc.steps * preset.llc.batch_size / preset.sim.n_steps)))
+
+
 def llc_of_heads(model, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None):
     """estimate_llc of each (layer, head), `group` heads batched in one vmap per SGLD step. Where a
     group does not fit in the device's memory it retries with groups half as large. The numbers do
@@ -232,18 +239,20 @@ def llc_of_heads(model, data, heads: list, cfg: LLCConfig, group: int, label: st
             results = []
             for i in range(0, len(heads), group):
                 part = heads[i:i + group]
+                part_label = label
+                if label and group < len(heads):
+                    part_label = f"{label}, heads {i + 1}-{i + len(part)}"
                 results += physim.estimate_llc(model, torch.nn.functional.mse_loss, data,
                                                [physim.head_parameters(model, l, h) for l, h in part], cfg,
-                                               label=label and (label + (f", heads {i + 1}-{i + len(part)}"
-                                                                         if group < len(heads) else "")))
+                                               label=part_label)
             return results, group
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError:     # a GPU's allocator says so; a CPU out of memory is killed instead
             physim._require(group > 1, "out of device memory estimating the LLC of a single head: lower "
                                        "LLCConfig.chains or LLCConfig.batch_size")
             group = (group + 1) // 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            print(f"\n{label or 'LLC'}: out of device memory; retrying with {group} heads batched", file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()       # out here, where the failed attempt's tensors are released
+        print(f"\n{label or 'LLC'}: out of device memory; retrying with {group} heads batched", file=sys.stderr)
 
 
 def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
@@ -256,9 +265,8 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
     heads = llc_heads(score[-1], preset.llc_heads)
     llc_dir = os.path.join(rdir, "llc")
     os.makedirs(llc_dir, exist_ok=True)
-    # Each chain draws fresh pairs from chunks of 8 new trajectories (8192 pairs): enough for short
-    # chains without simulating far more than they use.
-    data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=8), preset.llc.batch_size, device)
+    data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
+                                    preset.llc.batch_size, device)
     chosen = llc_steps(steps, preset.llc_checkpoints)
     group = len(heads)
     for i, step in enumerate(chosen):
@@ -760,7 +768,8 @@ def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndar
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(none)\n"
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    cells = [[(f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}") if isinstance(v, float) else str(v) for v in r.values()]
+             for r in rows]
     return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
                      + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
 
@@ -848,6 +857,20 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
 # Benchmarks (python reproduce.py bench)
 # ----------------------------------------------------------------------------------------------------
 
+def wall_time(fn, device: str, repeat: int = 3) -> float:
+    """Median wall time of `repeat` calls of fn (after a warm-up call), waiting for CUDA's queued work."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 class MHABaseline(torch.nn.Module):
     """The plain baseline of the training benchmark: PyTorch's eager nn.MultiheadAttention with a
     self-mask and add_zero_attn in place of ParticleAttention (the same function, proven by
@@ -873,25 +896,10 @@ def bench(device: str, out: str) -> list[dict]:
       (m = 256).
     Writes out/bench.csv and returns its rows."""
     rows = []
-
-    def timed(fn, repeat: int = 1) -> float:
-        """Median wall time of `repeat` calls (after one warm-up call)."""
-        fn()
-        times = []
-        for _ in range(repeat):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
     sim = SCALED.sim
     p, v = physim.random_initial_state(sim, 16, torch.Generator().manual_seed(0), device)
-    t_loop = timed(lambda: [physim.simulate(p[i:i + 1], v[i:i + 1], sim, 256) for i in range(16)])
-    t_batch = timed(lambda: physim.simulate(p, v, sim, 256))
+    t_loop = wall_time(lambda: [physim.simulate(p[i:i + 1], v[i:i + 1], sim, 256) for i in range(16)], device, 1)
+    t_batch = wall_time(lambda: physim.simulate(p, v, sim, 256), device, 1)
     rows.append({"benchmark": "simulator, 16 trajectories x 256 steps", "baseline": "one trajectory at a time",
                  "ours": "all 16 batched", "baseline steps/s": round(16 * 256 / t_loop, 1),
                  "ours steps/s": round(16 * 256 / t_batch, 1), "speedup": round(t_loop / t_batch, 2),
@@ -916,8 +924,8 @@ def bench(device: str, out: str) -> list[dict]:
         loss.backward()
         optimizer.step()
     opt_ours, opt_base = torch.optim.Adam(ours.parameters()), torch.optim.Adam(baseline.parameters())
-    t_base = timed(lambda: train_step(baseline, opt_base), repeat=5)
-    t_ours = timed(lambda: train_step(ours, opt_ours), repeat=5)
+    t_base = wall_time(lambda: train_step(baseline, opt_base), device, 5)
+    t_ours = wall_time(lambda: train_step(ours, opt_ours), device, 5)
     rows.append({"benchmark": f"training step, paper's model, batch {FULL.train.batch_size}",
                  "baseline": "eager nn.MultiheadAttention", "ours": "ParticleAttention",
                  "baseline steps/s": round(1 / t_base, 2), "ours steps/s": round(1 / t_ours, 2),
@@ -933,8 +941,8 @@ def bench(device: str, out: str) -> list[dict]:
         cfg = LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8)
         alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
         data = physim.dataset_batches(x, y, m)
-        t_loop = timed(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone])
-        t_batch = timed(lambda: physim.estimate_llc(model, mse, data, head, cfg))
+        t_loop = wall_time(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone], device, 1)
+        t_batch = wall_time(lambda: physim.estimate_llc(model, mse, data, head, cfg), device, 1)
         chain_steps = cfg.chains * cfg.steps
         rows.append({"benchmark": f"SGLD on one head, 8 chains, m={m}", "baseline": "chains in a Python loop",
                      "ours": "chains batched by vmap", "baseline steps/s": round(chain_steps / t_loop, 1),
@@ -952,41 +960,22 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
       training = steps x (a training step + its share of simulating a data chunk)
                  + checkpoints x (held-out metrics + writing the checkpoint) + the held-out set;
       rollout  = the ground truth + rollout_steps model steps + the one-step errors (Appendix D.2);
-      LLC      = llc_checkpoints x (llc_heads + 1) (head, checkpoint) estimates: the most a run makes
+      LLC      = LLC checkpoints x (llc_heads + 1) (head, checkpoint) estimates: the most a run makes
                  (it makes fewer where fewer heads become collision heads).
-    The LLC unit is timed on 4 SGLD steps with all of those heads x chains batched, as run_llc
-    batches them; only on the CPU at full scale, where that batch would not fit in memory, on one
-    head (x chains), times the heads. Data and weights are random: costs do not depend on them."""
+    The report at the end (seconds to minutes) is left out. The model is untrained: the costs do
+    not depend on its weights."""
     sim, model_cfg, train_cfg, llc = preset.sim, preset.model, preset.train, preset.llc
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def seconds(fn, repeat: int = 3, warm_up: bool = True) -> float:
-        """Median wall time of `repeat` calls of fn, after one warm-up call."""
-        if warm_up:
-            fn()
-        times = []
-        for _ in range(repeat):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
 
     def simulation(trajectories: int, steps: int) -> float:
         """Seconds to simulate `trajectories` trajectories of `steps` steps: 16 steps timed, scaled."""
         p, v = physim.random_initial_state(sim, trajectories, torch.Generator().manual_seed(0), device)
-        return seconds(lambda: physim.simulate(p, v, sim, 16), repeat=1) * steps / 16
+        return wall_time(lambda: physim.simulate(p, v, sim, 16), device, 1) * steps / 16
 
     torch.manual_seed(0)
     model = physim.ParticleTransformer(model_cfg, sim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
     stream = physim.TrainingStream(sim, preset.data, train_cfg.batch_size, 0, device)
-    sync()
-    t0 = time.perf_counter()
-    pool_x, pool_y = stream.batch(0)                          # simulates a whole data chunk ...
-    sync()
-    data_share = (time.perf_counter() - t0) / stream.batches_per_chunk     # ... shared by its batches
     batches = [stream.batch(i % stream.batches_per_chunk) for i in range(256 // train_cfg.batch_size + 1)]
     pool_x, pool_y = (torch.cat(part)[:256] for part in zip(*batches))                  # (256, N, 4) each
     steps = itertools.count(1)
@@ -1003,49 +992,64 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             physim.save_checkpoint(os.path.join(tmp, "c.pt"), model, optimizer, 0, {}, {"metrics": []})
             physim.save_weights(os.path.join(tmp, "w.pt"), model, 0, {})
-    n_checkpoints = len(physim.checkpoint_steps(train_cfg))
-    rows = [("training", f"training step, batch {train_cfg.batch_size}, with its data", seconds(train_step, 5)
-             + data_share, train_cfg.steps),
+    data_share = simulation(preset.data.chunk_trajectories, sim.n_steps) / stream.batches_per_chunk
+    rows = [("training", f"training step, batch {train_cfg.batch_size}, with its data",
+             wall_time(lambda: [train_step() for _ in range(20)], device) / 20 + data_share, train_cfg.steps),
             ("training", f"held-out metrics on {preset.data.heldout_states} states and a checkpoint",
-             seconds(checkpoint), n_checkpoints),
+             wall_time(checkpoint, device), len(physim.checkpoint_steps(train_cfg))),
             ("training", f"simulating the held-out set ({preset.data.heldout_trajectories} trajectories)",
              simulation(preset.data.heldout_trajectories, sim.n_steps), 1)]
 
     with torch.no_grad():
-        step_b = seconds(lambda: model(pool_x[:preset.rollout_states]), 5)
-        step_256 = seconds(lambda: model(pool_x), 3)
+        step_b = wall_time(lambda: model(pool_x[:preset.rollout_states]), device, 5)
+        step_256 = wall_time(lambda: model(pool_x), device)
     rollout = (simulation(preset.rollout_states, preset.rollout_steps) + preset.rollout_steps * step_b
                + math.ceil(preset.rollout_states * preset.rollout_steps / 256) * step_256)
     rows.append(("rollout", f"{preset.rollout_states} states x {preset.rollout_steps} steps, and the truth", rollout, 1))
 
-    heads = [divmod(i % (model_cfg.n_blocks * model_cfg.n_heads), model_cfg.n_heads) for i in range(preset.llc_heads + 1)]
-    # On the CPU at full scale all heads batched would need ~60 GB (about 0.9 GB per head and chain
-    # at m = 256); a CPU that runs out of memory is killed, not told: time one head there.
-    big = device == "cpu" and len(heads) * llc.chains * llc.batch_size * sim.n_particles > 2 ** 20
-    timed = heads[:1] if big else heads
+    # The heads, spread over blocks 1 to L-1 (the paper finds no collision head in block 0): a head's
+    # SGLD step costs less the later its block, since the backward pass stops there.
+    later = max(model_cfg.n_blocks - 1, 1)
+    heads = [(min(1 + i % later, model_cfg.n_blocks - 1), i // later % model_cfg.n_heads)
+             for i in range(preset.llc_heads + 1)]
     data = physim.dataset_batches(pool_x, pool_y, llc.batch_size)
-    group = len(timed)
+    group = len(heads)
 
-    def sgld(n_steps: int) -> float:
+    def sgld(n_heads: int, chains: int, n_steps: int) -> float:
         nonlocal group
+        cfg = LLCConfig(**{**asdict(llc), "steps": n_steps, "burn_in": 0, "chains": chains})
         sync()
         t0 = time.perf_counter()
-        _, group = llc_of_heads(model, data, timed, LLCConfig(**{**asdict(llc), "steps": n_steps, "burn_in": 0}), group)
+        _, group = llc_of_heads(model, data, heads[:n_heads], cfg, min(group, n_heads))
         sync()
         return time.perf_counter() - t0
-    short = sgld(4)                      # the first call also pays one-off set-up costs
-    if short < 4:                        # cheap steps: time again, differencing out each call's fixed costs
-        short = sgld(4)
-        sgld_step = (sgld(24) - short) / 20
+
+    def per_step(n_heads: int, chains: int) -> float:
+        short = sgld(n_heads, chains, 4)                  # the first call also pays one-off set-up costs
+        if short >= 4:
+            return short / 4
+        return (sgld(n_heads, chains, 24) - sgld(n_heads, chains, 4)) / 20   # cheap: difference out fixed costs
+
+    # All heads x chains batched, as run_llc does them. A CPU that runs out of memory is killed, not
+    # told, so there a batch of over 2^18 particle-rows a step (~16 GB at the full model's ~1 GB per
+    # (head, chain) at m = 256) is not tried: one chain is timed with 1 and with 2 heads instead, and
+    # scaled (per chain, the L_m(w0) pass is shared by the heads and the rest is per head).
+    if device == "cpu" and len(heads) * llc.chains * llc.batch_size * sim.n_particles > 2 ** 18:
+        one, two = per_step(1, 1), per_step(2, 1)
+        sgld_step, groups = llc.chains * (2 * one - two + len(heads) * (two - one)), 1
+        how = "timed on 1 chain with 1 and 2 heads, scaled to all"
     else:
-        sgld_step = short / 4
-    # run_llc's data: every chain simulates its own chunks of 8 fresh trajectories (8 * n_steps pairs)
-    chunks = math.ceil(llc.steps * llc.batch_size / (8 * sim.n_steps))
-    llc_data = llc.chains * chunks * simulation(8, sim.n_steps)
-    per_estimate = llc.steps * sgld_step / len(timed) + llc_data / len(heads)
+        sgld_step = per_step(len(heads), llc.chains)
+        groups = math.ceil(len(heads) / group)
+        how = f"{group} of {len(heads)} heads batched"
+    # run_llc's data: every chain simulates its own chunks of fresh trajectories, once per group of heads
+    chunk = llc_chunk_trajectories(preset)
+    chunks = math.ceil(llc.steps / (chunk * sim.n_steps // llc.batch_size))
+    llc_data = groups * llc.chains * chunks * simulation(chunk, sim.n_steps)
+    estimates = len(llc_steps(physim.checkpoint_steps(train_cfg), preset.llc_checkpoints)) * len(heads)
     rows.append(("LLC", f"one (head, checkpoint): {llc.chains} chains x {llc.steps} SGLD steps at m = "
-                        f"{llc.batch_size}, " + ("timed on 1 head" if big else f"{group} of {len(heads)} heads batched"),
-                 per_estimate, preset.llc_checkpoints * len(heads)))
+                        f"{llc.batch_size}, {how}", (llc.steps * sgld_step + llc_data) / len(heads), estimates))
+
     table = [{"preset": label, "stage": stage, "unit": unit, "unit seconds": round(t, 4), "units": n * preset.runs,
               "seconds": round(t * n * preset.runs, 1), "hours": round(t * n * preset.runs / 3600, 2)}
              for stage, unit, t, n in rows]
@@ -1098,11 +1102,10 @@ def main(argv=None) -> int:
                 f"{claim}: {verdict}" for claim, verdict in summary["claims"].items()))
             return 0
         if args.command == "bench":
-            as_text = lambda rows: markdown_table([{k: str(v) for k, v in r.items()} for r in rows])  # noqa: E731
-            print(as_text(bench(device, out)))
+            print(markdown_table(bench(device, out)))
             projection = projected_time(SCALED, device, "scaled") + projected_time(FULL, device, "full")
             physim._write_csv(os.path.join(out, "projection.csv"), projection)
-            print(f"Projected wall time on this {device} device (projection.csv):\n" + as_text(projection))
+            print(f"Projected wall time on this {device} device (projection.csv):\n" + markdown_table(projection))
             return 0
         runs = None
         if args.runs is not None:

@@ -980,17 +980,26 @@ def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, m
         R.llc_of_heads(model, data, heads, SMALL_SGLD, group=4)
 
 
-def test_projection_counts_every_unit_the_preset_runs():
-    # Proves the projected wall time adds up each stage's measured unit cost times the number of
-    # units the preset runs: training steps, checkpoints, rollouts and (head, checkpoint) LLC estimates.
+def test_projection_counts_the_units_a_run_makes(tmp_path, monkeypatch):
+    # Proves the projected wall time multiplies each stage's unit cost by the number of units a real
+    # run makes: training steps, checkpoints, held-out sets, rollouts and (head, checkpoint) LLC
+    # estimates, counted while reproduce() runs the same preset (whose runs pick llc_heads + 1 heads).
+    import collections
     import reproduce as R
-    preset = R.Preset(runs=2, llc_heads=2, **TINY_PRESET_ARGS)
+    preset = R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS)
+    made = collections.Counter()
+    for name in ("next_state_loss", "head_metrics", "heldout_set", "evaluate_simulator", "estimate_llc"):
+        def counted(*args, _original=getattr(P, name), _name=name, **kwargs):
+            made[_name] += len(args[3]) if _name == "estimate_llc" else 1     # estimate_llc: heads
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(P, name, counted)
+    R.reproduce(preset, str(tmp_path), "cpu")
+    monkeypatch.undo()                                   # the projection's own calls are not counted
     rows = R.projected_time(preset, "cpu", "tiny")
-    units = [r["units"] for r in rows[:-1]]
-    assert units == [2 * 20, 2 * len(P.checkpoint_steps(preset.train)), 2, 2, 2 * 2 * 3]
-    assert all(r["unit seconds"] > 0 and r["seconds"] == pytest.approx(r["unit seconds"] * r["units"], rel=1e-2, abs=0.1)
-               for r in rows[:-1])
-    assert rows[-1]["stage"] == "total" and rows[-1]["seconds"] == pytest.approx(sum(r["seconds"] for r in rows[:-1]), abs=0.1)
+    assert [r["units"] for r in rows[:-1]] == [made["next_state_loss"], made["head_metrics"], made["heldout_set"],
+                                               made["evaluate_simulator"], made["estimate_llc"]]
+    assert all(r["unit seconds"] > 0 for r in rows[:-1])
+    assert rows[-1]["seconds"] == pytest.approx(sum(r["seconds"] for r in rows[:-1]), abs=0.1)
 
 
 def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsys):
@@ -1050,7 +1059,8 @@ SYNCING = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__",
 @pytest.fixture
 def host_syncs(monkeypatch):
     """Counts, per line of physim.py, the calls of SYNCING methods made there (torch's own internal
-    calls are not counted): a Counter {line number: calls}."""
+    calls are not counted): a Counter {line number: calls}. Host-to-device copies (.to(device)) are
+    not counted: on the CPU they cannot be told from no-ops (dataset_batches' are tested apart)."""
     import collections
     import sys
     counts = collections.Counter()
@@ -1089,26 +1099,60 @@ def test_hot_loops_make_no_host_sync_per_step(host_syncs, tmp_path):
     P.simulate(p, v, sim, steps)
     assert _per_step_syncs(host_syncs, steps) == {}, "simulate"
 
+    host_syncs.clear()
     train_cfg = P.TrainConfig(steps=steps, batch_size=8, log_checkpoints=2, even_checkpoints=2)
     model = P.train(str(tmp_path), sim, TINY_MODEL, train_cfg, P.DataConfig(chunk_trajectories=2, heldout_trajectories=1,
                                                                             heldout_states=8))
     assert _per_step_syncs(host_syncs, steps) == {}, "train"
 
+    host_syncs.clear()
     P.rollout(model, torch.cat([p, v], -1), steps)
     assert _per_step_syncs(host_syncs, steps) == {}, "rollout"
 
     for data in (P.simulator_batches(sim, P.DataConfig(chunk_trajectories=2), 4),
                  P.dataset_batches(*P.simulate_states(sim, 2, seed=1)[:, :2].unbind(1), batch_size=4)):
+        host_syncs.clear()
         cfg = P.LLCConfig(step_size=1e-4, nbeta=100.0, batch_size=4, steps=steps, burn_in=30, chains=2)
         P.estimate_llc(model, F_mse, data, [P.head_parameters(model, 0, 0), P.head_parameters(model, 1, 1)], cfg)
         assert _per_step_syncs(host_syncs, steps) == {}, "estimate_llc"
 
 
-def test_dataset_batches_are_the_same_whatever_the_block():
-    # Proves drawing minibatch indices a block at a time (one host-to-device copy per block) serves
-    # the same minibatches as drawing them one step at a time.
+def test_dataset_batches_are_the_same_whatever_the_block(monkeypatch):
+    # Proves drawing minibatch indices a block at a time serves the same minibatches as drawing them
+    # one step at a time, with one host-to-device copy (Tensor.to) per block of 256, not per step.
     x, y = torch.arange(1000.0)[:, None], torch.arange(1000.0)
-    one, blocked = P.dataset_batches(x, y, 8, block=1)(3), P.dataset_batches(x, y, 8, block=256)(3)
-    for _ in range(300):                                 # across a block boundary
-        a, b = next(one), next(blocked)
+    one = P.dataset_batches(x, y, 8, block=1)(3)
+    expected = [next(one) for _ in range(300)]           # across a block boundary
+    copies = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(1) or to(self, *a, **k))
+    blocked = P.dataset_batches(x, y, 8, block=256)(3)
+    for a in expected:
+        b = next(blocked)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert len(copies) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_numbers(tmp_path):
+    # Proves, where a GPU is present, that the simulator, a short training run with its head metrics
+    # (also interrupted and resumed), and SGLD run on CUDA and agree with the CPU (float32 on both,
+    # TF32 off; SGLD draws its noise from CUDA generators there, so only its traces' finiteness is checked).
+    p, v = P.random_initial_state(TRAIN_SIM, 4, torch.Generator().manual_seed(0))
+    on_cpu, on_gpu = P.simulate(p, v, TRAIN_SIM, 50), P.simulate(p.cuda(), v.cuda(), TRAIN_SIM, 50)
+    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], rtol=1e-4, atol=1e-4)
+
+    cfg = P.TrainConfig(steps=20, batch_size=8, log_checkpoints=4, even_checkpoints=2)
+    P.train(str(tmp_path / "cpu"), TRAIN_SIM, TINY_MODEL, cfg, TRAIN_DATA, "cpu")
+    model = P.train(str(tmp_path / "cuda"), TRAIN_SIM, TINY_MODEL, cfg, TRAIN_DATA, "cuda")
+    P.train(str(tmp_path / "resumed"), TRAIN_SIM, TINY_MODEL, cfg, TRAIN_DATA, "cuda", stop_at=P.checkpoint_steps(cfg)[2])
+    P.train(str(tmp_path / "resumed"), TRAIN_SIM, TINY_MODEL, cfg, TRAIN_DATA, "cuda")       # resumes on CUDA
+    for other in ("cpu", "resumed"):
+        for name, column in (("losses.csv", "heldout_loss"), ("metrics.csv", "collision_score")):
+            a, b = read_csv(tmp_path / other / name), read_csv(tmp_path / "cuda" / name)
+            assert np.allclose([float(r[column]) for r in a], [float(r[column]) for r in b], rtol=1e-3, atol=1e-4), (other, name)
+
+    data = P.simulator_batches(TRAIN_SIM, P.DataConfig(chunk_trajectories=2), 4, device="cuda")
+    results = P.estimate_llc(model, F_mse, data, [P.head_parameters(model, 0, 0), P.head_parameters(model, 1, 1)],
+                             P.LLCConfig(step_size=1e-5, nbeta=100.0, batch_size=4, steps=40, burn_in=20, chains=2))
+    assert all(torch.isfinite(r.traces).all() and r.traces.device.type == "cpu" for r in results)
