@@ -507,6 +507,15 @@ def next_state_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return F.mse_loss(model(x), y)
 
 
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One step of Table 2's training on the batch (x, y); returns its loss (detached, on the device)."""
+    loss = next_state_loss(model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 class Progress:
     """One status line with rate and ETA, redrawn at most every `every` seconds (stderr)."""
 
@@ -690,11 +699,7 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
         x, y = stream.batch(step)
         if forward is None:
             forward = _compiled(model, x) if compile_model else model
-        loss = next_state_loss(forward, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+        loss_sum, loss_count = loss_sum + training_step(forward, optimizer, x, y), loss_count + 1
         progress.update(step + 1)
     return model.eval()
 

@@ -857,16 +857,21 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
 # Benchmarks (python reproduce.py bench)
 # ----------------------------------------------------------------------------------------------------
 
+def synchronize(device: str) -> None:
+    """Wait for the work queued on a CUDA device (a no-op on the CPU), so that timings cover it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def wall_time(fn, device: str, repeat: int = 3) -> float:
-    """Median wall time of `repeat` calls of fn (after a warm-up call), waiting for CUDA's queued work."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    """Median wall time of `repeat` calls of fn (after a warm-up call)."""
     fn()
     times = []
     for _ in range(repeat):
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -917,15 +922,9 @@ def bench(device: str, out: str) -> list[dict]:
     x, y = stream.batch(0)
     with torch.no_grad():
         physim._require(torch.allclose(ours(x), baseline(x), atol=1e-4), "bench: the baseline model differs from ours")
-
-    def train_step(model, optimizer):
-        loss = physim.next_state_loss(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
     opt_ours, opt_base = torch.optim.Adam(ours.parameters()), torch.optim.Adam(baseline.parameters())
-    t_base = wall_time(lambda: train_step(baseline, opt_base), device, 5)
-    t_ours = wall_time(lambda: train_step(ours, opt_ours), device, 5)
+    t_base = wall_time(lambda: physim.training_step(baseline, opt_base, x, y), device, 5)
+    t_ours = wall_time(lambda: physim.training_step(ours, opt_ours, x, y), device, 5)
     rows.append({"benchmark": f"training step, paper's model, batch {FULL.train.batch_size}",
                  "baseline": "eager nn.MultiheadAttention", "ours": "ParticleAttention",
                  "baseline steps/s": round(1 / t_base, 2), "ours steps/s": round(1 / t_ours, 2),
@@ -965,7 +964,6 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     The report at the end (seconds to minutes) is left out. The model is untrained: the costs do
     not depend on its weights."""
     sim, model_cfg, train_cfg, llc = preset.sim, preset.model, preset.train, preset.llc
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def simulation(trajectories: int, steps: int) -> float:
         """Seconds to simulate `trajectories` trajectories of `steps` steps: 16 steps timed, scaled."""
@@ -981,10 +979,7 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     steps = itertools.count(1)
 
     def train_step():
-        loss = physim.next_state_loss(model, *stream.batch(next(steps) % stream.batches_per_chunk))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        physim.training_step(model, optimizer, *stream.batch(next(steps) % stream.batches_per_chunk))
     heldout = pool_x[torch.arange(preset.data.heldout_states) % len(pool_x)]
 
     def checkpoint():
@@ -1018,10 +1013,10 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     def sgld(n_heads: int, chains: int, n_steps: int) -> float:
         nonlocal group
         cfg = LLCConfig(**{**asdict(llc), "steps": n_steps, "burn_in": 0, "chains": chains})
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         _, group = llc_of_heads(model, data, heads[:n_heads], cfg, min(group, n_heads))
-        sync()
+        synchronize(device)
         return time.perf_counter() - t0
 
     def per_step(n_heads: int, chains: int) -> float:
