@@ -136,7 +136,8 @@ def contact_acceleration(p: torch.Tensor, v: torch.Tensor, cfg: SimConfig) -> to
     return force / cfg.mass
 
 
-def gravity_vector(cfg: SimConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+def gravity_vector(cfg: SimConfig, device=None, dtype=None) -> torch.Tensor:
+    """g of eq. (6), pointing along −y: (2,), in the default dtype unless told."""
     return torch.tensor([0.0, -cfg.gravity], device=device, dtype=dtype)
 
 
@@ -379,18 +380,23 @@ class ParticleTransformer(nn.Module):
         self.register_buffer("gravity", gravity_vector(sim), persistent=False)       # (2,)
         self.register_buffer("centre", torch.tensor([sim.box_width, sim.box_height]) / 2, persistent=False)
 
-    def acceleration(self, x: torch.Tensor, return_attention: bool = False):
-        """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)]."""
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """x_i^(0) = x'_i + b'_i (Appendix C.1): the particle embedding plus the boundary MLP summed
+        over the boundary particles within r of p_i (the radial mask). x (B, N, 4) -> (B, N, E)."""
         p, v = x[..., :2], x[..., 2:]
         cfg = self.cfg
-        h = self.embed(torch.cat([(p - self.centre) / cfg.pos_scale, v / cfg.vel_scale], -1))  # (B, N, E)
+        h = self.embed(torch.cat([(p - self.centre) / cfg.pos_scale, v / cfg.vel_scale], -1))  # x' (B, N, E)
         near = (torch.cdist(p, self.boundary) < cfg.boundary_radius).to(h.dtype)  # radial mask (B, N, M)
-        h = h + near @ self.boundary_embed((self.boundary - self.centre) / cfg.pos_scale)  # x^(0) = x' + b'
+        return h + near @ self.boundary_embed((self.boundary - self.centre) / cfg.pos_scale)  # x' + b'
+
+    def acceleration(self, x: torch.Tensor, return_attention: bool = False):
+        """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)]."""
+        h = self.embedding(x)                                                    # (B, N, E)
         attention = []
         for block in self.blocks:
             h, attn = block(h)
             attention.append(attn)
-        a = cfg.acc_scale * self.unembed(self.ln_final(h))                       # (B, N, 2)
+        a = self.cfg.acc_scale * self.unembed(self.ln_final(h))                  # (B, N, 2)
         return (a, torch.stack(attention)) if return_attention else a
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
@@ -649,7 +655,7 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     keep = set(checkpoint_steps(train_cfg) if keep_weights is None else keep_weights)
     torch.manual_seed(train_cfg.seed)
     model = ParticleTransformer(model_cfg, sim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)  # Table 2
     history = {"metrics": [], "losses": []}
     start = 0
     resume = latest_checkpoint(run_dir)

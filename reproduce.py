@@ -354,7 +354,7 @@ def write_report(out: str, device: str) -> dict:
     llc_rows = []
     for run, (steps, score, corr) in metrics.items():
         llc_rows += [{"run": run, **r} for r in plot_llc(run_dir(out, run), steps, corr, score[-1], preset, fig_dir, run)]
-    heads = power_law_analysis(metrics, preset, out)
+    heads = power_law_analysis(metrics, out)
     table5 = [{"run": h["run"], "layer": h["layer"], "head": h["head"], "class": h["class"], **asdict(p)}
               for h in heads if h["class"] != "none" for p in h["pieces"] if p.is_power_law]
     for row in table5:
@@ -392,7 +392,7 @@ def write_report(out: str, device: str) -> dict:
 # Power laws, head classes and the paper's claims (§3, Appendix D.1)
 # ----------------------------------------------------------------------------------------------------
 
-def power_law_analysis(metrics: dict, preset: Preset, out: str) -> list[dict]:
+def power_law_analysis(metrics: dict, out: str) -> list[dict]:
     """Every head's class (§3.1) and the straight pieces of its log|c| vs log t found by
     physim.find_power_law_regimes, over the checkpoints from 1% of training on (as for the LLC:
     before that the model is far from any minimum). All pieces, power law or not, go to regimes.csv."""

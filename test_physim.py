@@ -1,23 +1,28 @@
 """Tests for physim.py.
 
 What is checked, section by section of physim.py:
+  0. The paper's numbers: the defaults and the --full preset hold Tables 1-4 (typed in here).
   1. Simulator: head-on contacts reproduce the closed-form contact duration and restitution
-     (Luding 2008), energy is conserved without damping and never created with it, random initial
-     states and boundary particles are laid out as documented.
+     (Luding 2008), gravity is an acceleration (free fall and resting overlap at m != 1), energy is
+     conserved without damping and never created with it, random initial states and boundary
+     particles are laid out as documented.
   2. Data: the training stream is a pure function of (seed, step) and serves true simulator pairs.
-  3. Model: permutation equivariance and the shape/normalisation of the attention weights.
-  4. Metrics: both head metrics agree with slow, obviously correct loop references.
-  5. Training: the loss goes down, the CSVs are right, an interrupted run resumes bit-identically,
-     checkpoints load with weights_only=True, bad configs raise one clear ValueError.
-  6. The model as a simulator: rollout and evaluate_simulator shapes.
-  7. LLC: the SGLD estimator recovers known learning coefficients (regular, degenerate, restricted),
-     moves only the sampled head, gives the same chains batched or alone, flags unhealthy chains.
+  3. Model: eq. (6) by hand, x^(0) by a loop, the residual blocks, permutation equivariance, and
+     the attention's equality with nn.MultiheadAttention.
+  4. Metrics: both head metrics agree with slow, obviously correct loop references; c needs float64.
+  5. Training: Adam, the loss goes down, the CSVs are right, an interrupted run resumes
+     bit-identically, checkpoints load with weights_only=True, bad configs raise one clear ValueError.
+  6. The model as a simulator: rollout, and the energy of a deliberately wrong model by hand.
+  7. LLC: the SGLD estimator recovers known learning coefficients (regular, degenerate, restricted,
+     and a prior that matters), head_parameters selects exactly one head, SGLD moves only the sampled
+     head, gives the same chains batched or alone, flags unhealthy chains.
   8. Power laws: exact fits, interval coverage, regimes found where they are and not where they aren't.
-  9. reproduce.py end to end on a tiny preset: sharded runs, resume, --report, claims, bad arguments.
+  9. reproduce.py end to end on a tiny preset: sharded runs, resume, --report, REPORT.md's numbers,
+     the analysis and each claim's verdict at its thresholds, bench, bad arguments.
  10. The CUDA path on the CPU: no line of physim.py makes a host-device round trip once per step.
 
 Physics tests run in float64 (fixture `float64`); everything uses tiny configs so the file runs in
-about 1.5 minutes on two CPU cores.
+about 3 minutes on two CPU cores.
 """
 import csv
 import math
@@ -65,6 +70,55 @@ def trained_run(tmp_path_factory):
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 0. The paper's numbers (Tables 1-4), pinned
+# ----------------------------------------------------------------------------------------------------
+
+# Typed in from the paper, not from physim: a changed default or a swapped box must fail here.
+PAPER_TABLE_1 = dict(step_size=0.00075, localization=1.0, nbeta=1385.0, batch_size=256, steps=10_000,
+                     burn_in=9_000, chains=8)                      # C = 8 for Fig. 1 (4 for Section D.5)
+PAPER_TABLE_2 = dict(lr=0.001, weight_decay=0.0, batch_size=64, steps=64_000)    # Adam; 5 runs
+PAPER_TABLE_3 = dict(n_particles=64, diameter=1.0, mass=1.0, dt=0.005, stiffness=1000.0, damping=10.0,
+                     gravity=9.8, box_width=28.0, box_height=14.0, n_steps=1024)  # D = 2, v0 ~ N(0, I)
+PAPER_TABLE_4 = dict(n_blocks=4, n_heads=8, embed_dim=128, boundary_radius=2.0, activation="relu")
+
+
+def _fields(obj, names):
+    return {name: getattr(obj, name) for name in names}
+
+
+def test_defaults_and_full_preset_are_the_papers_tables():
+    # Proves the config defaults, and the --full preset built from them, hold Tables 1-4 exactly
+    # (box 28 wide along x, 14 high along y, gravity along -y), five runs, Adam, and Appendix D.2's
+    # 1000-step rollout.
+    import reproduce as R
+    for sim in (P.SimConfig(), R.FULL.sim):
+        assert _fields(sim, PAPER_TABLE_3) == PAPER_TABLE_3
+    for model in (P.ModelConfig(), R.FULL.model):
+        assert _fields(model, PAPER_TABLE_4) == PAPER_TABLE_4
+    for train in (P.TrainConfig(), R.FULL.train):
+        assert _fields(train, PAPER_TABLE_2) == PAPER_TABLE_2
+    for llc in (P.LLCConfig(), R.FULL.llc):
+        assert _fields(llc, PAPER_TABLE_1) == PAPER_TABLE_1
+    assert R.FULL.runs == 5 and R.FULL.rollout_steps == 1000
+    # the box's width lies along x and gravity along -y: the walls and the gravity vector say so
+    b = P.boundary_particles(P.SimConfig())
+    assert float(b[:, 0].max()) == 28.0 and float(b[:, 1].max()) == 14.0
+    assert P.gravity_vector(P.SimConfig(), dtype=torch.float64).tolist() == [0.0, -9.8]
+
+
+def test_training_uses_adam_at_the_configured_rate(trained_run):
+    # Proves train() steps with Table 2's optimiser: Adam (second moments, no decoupled decay, no
+    # AMSGrad) at TrainConfig's lr and weight decay, as its checkpoint records.
+    run_dir, _ = trained_run
+    optimizer = P.load_checkpoint(P.latest_checkpoint(run_dir))["optimizer"]
+    group = optimizer["param_groups"][0]
+    assert group["lr"] == TRAIN_CFG.lr and group["weight_decay"] == TRAIN_CFG.weight_decay == 0.0
+    assert not group["decoupled_weight_decay"] and not group["amsgrad"]
+    assert tuple(group["betas"]) == (0.9, 0.999)
+    assert all({"exp_avg", "exp_avg_sq"} <= set(state) for state in optimizer["state"].values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,6 +241,26 @@ def test_energy_never_rises_with_damping_and_gravity(float64):
     assert float(energy[-1]) < 0.6 * float(energy[0])
 
 
+@pytest.mark.parametrize("mass", [2.0, 3.0])
+def test_gravity_is_an_acceleration_and_contacts_a_force(float64, mass):
+    # Proves gravity accelerates every mass by g (not g/m) and a contact force k·δ is divided by m:
+    # (a) a particle in free fall follows semi-implicit Euler exactly, v_n = v_0 − n Δt g ŷ and
+    # p_n = p_0 + n Δt v_0 − Δt² g n(n+1)/2 ŷ, whatever its mass; (b) one resting on the floor settles
+    # at the overlap where k δ = m g, δ = m g / k (deeper for a heavier particle).
+    cfg = P.SimConfig(n_particles=1, mass=mass, box_width=20.0, box_height=40.0)
+    p0, v0 = torch.tensor([[[10.0, 30.0]]]), torch.tensor([[[0.7, 1.3]]])
+    ps, vs = P.simulate(p0, v0, cfg, n_steps=200)                    # 1 time unit: falls ~4 d, no wall
+    n = torch.arange(201, dtype=torch.float64)[:, None]
+    down = torch.tensor([0.0, -cfg.gravity])
+    torch.testing.assert_close(vs[0, :, 0], v0[0, 0] + n * cfg.dt * down, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ps[0, :, 0], p0[0, 0] + n * cfg.dt * v0[0, 0] + cfg.dt ** 2 * n * (n + 1) / 2 * down,
+                               rtol=0, atol=1e-12)
+
+    resting = P.simulate(torch.tensor([[[10.0, 0.5]]]), torch.zeros(1, 1, 2), cfg, n_steps=4000)[0][0, -1, 0]
+    overlap = cfg.diameter / 2 - float(resting[1])
+    assert overlap == pytest.approx(mass * cfg.gravity / cfg.stiffness, rel=1e-6)
+
+
 @pytest.mark.parametrize("diameter", [1.0, 2.0])
 def test_random_initial_state(float64, diameter):
     # Proves initial states are valid (no overlaps, inside the box at >= d/2 from every wall),
@@ -298,6 +372,63 @@ def test_model_is_permutation_equivariant(float64):
     expected = attn[..., perm, :][..., key_perm]
     assert torch.allclose(attn_perm, expected, atol=1e-10)
     assert not torch.allclose(attn_perm, attn, atol=1e-3)           # the permutation did something
+
+
+def test_forward_is_eq_6_semi_implicit_euler(float64):
+    # Proves the model's update is eq. (6), v' = v + Δt (a + g), p' = p + Δt v' (semi-implicit, with g
+    # along −y): with the unembedding zeroed (a = 0) the model is exact free fall, written out by hand;
+    # with it trained-like (random), the same update applies to the model's own acceleration a.
+    model, x = _tiny_model_and_state(n_particles=5, batch=3)
+    p, v = x[..., :2], x[..., 2:]
+    with torch.no_grad():
+        a = model.acceleration(x)                                    # (B, N, 2), not zero
+        assert a.abs().max() > 1e-3
+        v_next = v + model.sim.dt * (a + torch.tensor([0.0, -9.8]))
+        torch.testing.assert_close(model(x), torch.cat([p + model.sim.dt * v_next, v_next], -1), rtol=0, atol=1e-12)
+        model.unembed.weight.zero_()
+        model.unembed.bias.zero_()
+        v_fall = v + 0.005 * torch.tensor([0.0, -9.8])
+        torch.testing.assert_close(model(x), torch.cat([p + 0.005 * v_fall, v_fall], -1), rtol=0, atol=1e-12)
+
+
+def test_embedding_is_particle_mlp_plus_masked_boundary_sum(float64):
+    # Proves x_i^(0) = x'_i + Σ_j 1(|p_i − b_j| < r) [W_b2 σ(W_b1 b_j + c_b1) + c_b2] (Appendix C.1) by a
+    # loop over particles and boundary particles, on states with particles near walls and corners
+    # (some boundary particles inside the radius, some not) and with r = 2 from Table 4.
+    model, x = _tiny_model_and_state(n_particles=6, batch=2)
+    cfg, sim = model.cfg, model.sim
+    centre = torch.tensor([sim.box_width, sim.box_height]) / 2
+    with torch.no_grad():
+        got = model.embedding(x)                                     # (B, N, E)
+        for b in range(x.shape[0]):
+            for i in range(x.shape[1]):
+                p, v = x[b, i, :2], x[b, i, 2:]
+                expected = model.embed(torch.cat([(p - centre) / cfg.pos_scale, v / cfg.vel_scale]))
+                inside = 0
+                for boundary in model.boundary:
+                    if float((p - boundary).norm()) < cfg.boundary_radius:
+                        expected = expected + model.boundary_embed((boundary - centre) / cfg.pos_scale)
+                        inside += 1
+                assert 0 < inside < len(model.boundary)
+                torch.testing.assert_close(got[b, i], expected, rtol=0, atol=1e-10)
+
+
+def test_blocks_add_attention_and_mlp_to_the_residual_stream(float64):
+    # Proves each block is x + MHA(LN x), then + MLP(LN x) (Fig. 4), and that attention matters: with
+    # every block's attention output zeroed, the model predicts something else.
+    model, x = _tiny_model_and_state(n_particles=5, batch=2)
+    with torch.no_grad():
+        h = model.embedding(x)
+        for block in model.blocks:
+            mid = h + block.attn(block.ln_attn(h))[0]
+            expected = mid + block.mlp(block.ln_mlp(mid))
+            torch.testing.assert_close(block(h)[0], expected, rtol=0, atol=1e-12)
+            h = expected
+        y = model(x)
+        for block in model.blocks:
+            block.attn.out_proj.weight.zero_()
+            block.attn.out_proj.bias.zero_()
+        assert (model(x) - y).abs().max() > 1e-6
 
 
 def test_attention_equals_pytorch_multihead_attention():
@@ -440,6 +571,31 @@ def test_correlation_is_per_pair_then_averaged():
     pooled = np.corrcoef(dist[:, off_diagonal].flatten().numpy(), alpha[:, off_diagonal].flatten().numpy())[0, 1]
     assert pooled < 0                                                 # the two definitions differ here
     assert float(P.attention_distance_correlation(attn, positions)) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_correlation_of_a_sharp_head_needs_float64():
+    # Proves why c(w) is computed in float64: a sharp head gives far pairs attention ~1e-25 (here
+    # rising with distance, so their true correlation is +1), whose squared deviations (~1e-52)
+    # underflow float32 to 0. The same formula in float32 then divides by a zero std and gets c wrong;
+    # attention_distance_correlation, fed the same float32 weights, matches the float64 loop reference.
+    attn, positions = _random_metric_inputs(L=1, H=1)
+    N = positions.shape[1]
+    index = torch.arange(N)
+    far = (index[:, None] - index[None, :]).abs() >= 3                # the same pairs in every state
+    dist = torch.cdist(positions, positions)                          # (S, N, N)
+    alpha = torch.where(far, 1e-25 * (1 + dist / 10), attn[0, :, 0, :, :N])
+    attn32 = torch.cat([alpha, 1 - alpha.sum(-1, keepdim=True)], -1)[None, :, None].float()   # (1, S, 1, N, N+1)
+    assert 0 < float(attn32[..., :N][attn32[..., :N] > 0].min()) < 1e-24
+
+    expected = reference_correlation(attn32.double().numpy(), positions.numpy())
+    got = P.attention_distance_correlation(attn32, positions.float())
+    assert np.allclose(got.numpy(), expected, rtol=0, atol=1e-5)
+    d = dist.float().unsqueeze(-3)                                    # the same formula, kept in float32
+    a = attn32[..., :N]
+    dc, ac = d - d.mean(-4, keepdim=True), a - a.mean(-4, keepdim=True)
+    corr32 = (dc * ac).mean(-4) / (dc.pow(2).mean(-4).sqrt() * ac.pow(2).mean(-4).sqrt())
+    c32 = corr32.masked_fill(torch.eye(N, dtype=torch.bool), float("nan")).nanmean((-1, -2))
+    assert not np.isclose(float(c32), expected[0, 0], atol=0.05), (float(c32), expected[0, 0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -655,6 +811,49 @@ def test_evaluate_simulator_keys_and_lengths():
     assert np.allclose(result["energy_true"], expected_energy.numpy(), rtol=1e-6)
 
 
+def _energy_by_hand(p, v, cfg):
+    """Total energy of one state (N, 2) by loops in numpy: ½ m |v|² + m g y, plus ½ k δ² for every
+    overlapping pair (once) and every wall a particle overlaps."""
+    p, v = np.asarray(p, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    r, energy = cfg.diameter / 2, 0.0
+    for i in range(len(p)):
+        energy += 0.5 * cfg.mass * (v[i] @ v[i]) + cfg.mass * cfg.gravity * p[i, 1]
+        for j in range(i + 1, len(p)):
+            energy += 0.5 * cfg.stiffness * max(0.0, cfg.diameter - np.linalg.norm(p[i] - p[j])) ** 2
+        for depth in (r - p[i, 0], p[i, 0] - (cfg.box_width - r), r - p[i, 1], p[i, 1] - (cfg.box_height - r)):
+            energy += 0.5 * cfg.stiffness * max(0.0, depth) ** 2
+    return energy
+
+
+def test_evaluate_simulator_energy_of_a_wrong_model_matches_a_hand_computation(float64):
+    # Proves Fig. 7's model curve is the energy of the model's own rollout: a model that predicts no
+    # contact acceleration (unembedding zeroed) falls freely, through the floor and other particles,
+    # and evaluate_simulator's energy_model equals the energy of the closed-form free fall
+    # p_n = p_0 + n Δt v_0 − Δt² g n(n+1)/2 ŷ, v_n = v_0 − n Δt g ŷ computed by hand (it grows:
+    # the particles sink ever deeper into the floor), while energy_true stays the simulator's.
+    sim = P.SimConfig(n_particles=4, n_steps=8, box_width=5.0, box_height=5.0)
+    torch.manual_seed(0)
+    model = P.ParticleTransformer(TINY_MODEL, sim)
+    with torch.no_grad():
+        model.unembed.weight.zero_()
+        model.unembed.bias.zero_()
+    n_steps = 150
+    result = P.evaluate_simulator(model, n_states=2, n_steps=n_steps, seed=7)
+    x0 = P.simulate_states(sim, 2, seed=7, n_steps=0)[:, 0]           # the same initial states (B, N, 4)
+    down = np.array([0.0, -sim.gravity])
+    expected = []
+    for n in range(n_steps + 1):
+        energies = []
+        for b in range(2):
+            p0, v0 = x0[b, :, :2].numpy(), x0[b, :, 2:].numpy()
+            p = p0 + n * sim.dt * v0 + sim.dt ** 2 * n * (n + 1) / 2 * down
+            energies.append(_energy_by_hand(p, v0 + n * sim.dt * down, sim))
+        expected.append(np.mean(energies))
+    assert np.allclose(result["energy_model"], expected, rtol=1e-9)
+    assert expected[-1] > 2 * expected[0]                              # the wrong model gains energy
+    assert result["energy_true"][-1] < result["energy_true"][0]        # the truth loses it
+
+
 def test_evaluate_simulator_honours_n_steps_beyond_trajectory_length():
     # Proves a rollout of n_steps is compared with n_steps of truth even when n_steps exceeds the
     # training trajectory length sim.n_steps (the default n_steps=1000 is used with any sim).
@@ -670,18 +869,21 @@ def test_evaluate_simulator_honours_n_steps_beyond_trajectory_length():
 # ----------------------------------------------------------------------------------------------------
 
 class PowerLoss(torch.nn.Module):
-    """A 'model' whose loss is known in closed form: L(w) = Σ_i a_i |w_i|^{k_i}, minimum at w₀ = 0.
-    Its output is that loss for every sample (the inputs are ignored), so criterion = mean.
-    Near 0 the learning coefficient is λ = Σ_i 1/k_i (1/2 per quadratic coordinate, 1/4 per quartic)."""
+    """A 'model' whose loss is known in closed form: L(w) = Σ_i a_i |w_i − c_i|^{k_i}, minimum at c
+    (default 0), starting at w₀ (default c). Its output is that loss for every sample (the inputs are
+    ignored), so criterion = mean. Near c the learning coefficient is λ = Σ_i 1/k_i (1/2 per quadratic
+    coordinate, 1/4 per quartic)."""
 
-    def __init__(self, coef, powers, w0=None):
+    def __init__(self, coef, powers, w0=None, centre=None):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(len(coef)) if w0 is None else torch.tensor(w0))
+        centre = torch.zeros(len(coef)) if centre is None else torch.tensor(centre)
+        self.w = torch.nn.Parameter(centre.clone() if w0 is None else torch.tensor(w0))
+        self.register_buffer("centre", centre)
         self.register_buffer("coef", torch.tensor(coef))
         self.register_buffer("powers", torch.tensor(powers))
 
     def forward(self, x):
-        return (self.coef * self.w.abs() ** self.powers).sum() + 0 * x[:, 0]
+        return (self.coef * (self.w - self.centre).abs() ** self.powers).sum() + 0 * x[:, 0]
 
 
 def _mean_criterion(output, target):
@@ -697,30 +899,61 @@ QUARTIC = P.LLCConfig(step_size=1e-4, localization=1.0, nbeta=2000.0, steps=6000
 MIXED = P.LLCConfig(step_size=2e-5, localization=1.0, nbeta=1000.0, steps=10_000, burn_in=2000, chains=32)
 
 
-def test_llc_regular_quadratic_is_half_the_dimension(float64):
+# The closed-form tests below assert 5 % on seeds 0-2; measured errors were 0.5-3.4 % (the largest: the
+# quartic coordinate, whose heavy-tailed w⁴ mixes slowly at these step sizes).
+SEEDS = range(3)
+
+
+def _seeded(cfg: P.LLCConfig, seed: int) -> P.LLCConfig:
+    return P.LLCConfig(**{**cfg.__dict__, "seed": seed})
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_llc_regular_quadratic_is_half_the_dimension(float64, seed):
     # Proves the estimator recovers λ = d/2 for a non-degenerate minimum, L(w) = Σ a_i w_i², d = 4.
     model = PowerLoss([1.0, 0.5, 2.0, 1.5], [2.0, 2.0, 2.0, 2.0])
-    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, REGULAR)
+    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, _seeded(REGULAR, seed))
     assert all(h == "healthy" for h in result.health), result.health
-    assert abs(result.llc - 2.0) < 0.10 * 2.0, result.llc
+    assert abs(result.llc - 2.0) < 0.05 * 2.0, result.llc
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_llc_prior_is_gamma_times_w_minus_w0(float64, seed):
+    # Proves eq. (5)'s localising term is +γ(w − w₀) around w₀ and that the loss is evaluated at w, on
+    # L(w) = Σ a_i (w_i − c_i)² with w₀ = c ≠ 0 and γ as large as nβ·a (so the prior is no rounding
+    # error). Closed form: for u = w − c, eq. (5) reads u' = (1 − ε P_i / 2) u + √ε ξ with precision
+    # P_i = γ + 2 nβ a_i, a linear recursion whose stationary variance solves Var = (1 − ε P_i/2)² Var + ε:
+    #     Var_i = 1 / (P_i (1 − ε P_i / 4)),   so   E[λ̂] = nβ Σ a_i Var_i = nβ Σ a_i / (P_i (1 − ε P_i / 4)),
+    # which tends to nβ Σ a_i / (γ + 2 nβ a_i) as ε → 0 (= d/2 only when γ << nβ a). Here E[λ̂] = 1.497,
+    # against 2.135 with the γ term dropped, a random walk with its sign flipped, and a drift to
+    # (2nβ a c)/P ≠ c (λ̂ ~ 10² larger) with the prior centred at 0 or the loss taken at w − w₀.
+    a, c = [1.0, 0.5, 2.0, 1.5], [1.5, -2.0, 0.7, 3.0]
+    cfg = P.LLCConfig(step_size=1e-3, localization=100.0, nbeta=100.0, steps=4200, burn_in=200, chains=16, seed=seed)
+    precision = cfg.localization + 2 * cfg.nbeta * torch.tensor(a)
+    expected = float(cfg.nbeta * (torch.tensor(a) / (precision * (1 - cfg.step_size * precision / 4))).sum())
+    assert expected == pytest.approx(1.497, abs=1e-3)
+    result = P.estimate_llc(PowerLoss(a, [2.0] * 4, centre=c), _mean_criterion, DUMMY_DATA, {"w": None}, cfg)
+    assert abs(result.llc - expected) < 0.03 * expected, (result.llc, expected)      # measured: < 0.4 %
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("powers, expected, cfg", [([4.0], 0.25, QUARTIC), ([2.0, 4.0], 0.75, MIXED)])
-def test_llc_degenerate_minima(float64, powers, expected, cfg):
+def test_llc_degenerate_minima(float64, powers, expected, cfg, seed):
     # Proves the estimator sees degeneracy: L = w⁴ has λ = 1/4 and L = w₁² + w₂⁴ has λ = 3/4 (< d/2).
     model = PowerLoss([1.0] * len(powers), powers)
-    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, cfg)
-    assert abs(result.llc - expected) < 0.15 * expected, (result.llc, result.llc_stderr)
+    result = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None}, _seeded(cfg, seed))
+    assert abs(result.llc - expected) < 0.05 * expected, (result.llc, result.llc_stderr)
 
 
-def test_llc_restricted_to_a_subset_of_coordinates(float64):
+@pytest.mark.parametrize("seed", SEEDS)
+def test_llc_restricted_to_a_subset_of_coordinates(float64, seed):
     # Proves restricting SGLD to some coordinates gives their coefficient: with L = w₁² + w₂⁴,
     # sampling w₁ alone gives 1/2 and w₂ alone 1/4. Both subsets run batched in one call.
     model = PowerLoss([1.0, 1.0], [2.0, 4.0])
     only_w1, only_w2 = {"w": torch.tensor([True, False])}, {"w": torch.tensor([False, True])}
-    r1, r2 = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, [only_w1, only_w2], MIXED)
-    assert abs(r1.llc - 0.5) < 0.15 * 0.5, r1.llc
-    assert abs(r2.llc - 0.25) < 0.15 * 0.25, r2.llc
+    r1, r2 = P.estimate_llc(model, _mean_criterion, DUMMY_DATA, [only_w1, only_w2], _seeded(MIXED, seed))
+    assert abs(r1.llc - 0.5) < 0.05 * 0.5, r1.llc
+    assert abs(r2.llc - 0.25) < 0.05 * 0.25, r2.llc
     assert (r1.final_params["w"][:, 1] == 0).all() and (r1.final_params["w"][:, 0] != 0).all()
 
 
@@ -758,6 +991,56 @@ def test_llc_on_one_head_moves_only_that_head(float64):
     x, y = next(data(SMALL_SGLD.seed + 1))
     with torch.no_grad():
         assert math.isclose(float(result.w0_traces[1, 0]), float(F_mse(model(x), y)), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("block, head", [(0, 0), (1, 1), (1, 2)])
+def test_head_parameters_select_exactly_one_head(float64, block, head):
+    # Proves head_parameters(model, l, h) is head h of block l and nothing else, in the fused q, k, v
+    # layout of nn.MultiheadAttention (a mask of rows for columns, or an interleaved q/k/v layout, fails):
+    # (a) perturbing the masked entries changes head h's attention in block l and no other head's
+    #     there, and nothing before block l; perturbing every other entry of the block's attention
+    #     changes every head's attention there except head h's;
+    # (b) zeroing the masked out-projection columns equals dropping head h's value output by hand.
+    sim = P.SimConfig(n_particles=6, n_steps=16, box_width=5.0, box_height=5.0)
+    torch.manual_seed(0)
+    model = P.ParticleTransformer(P.ModelConfig(n_blocks=2, n_heads=3, embed_dim=12), sim).eval()
+    p, v = P.random_initial_state(sim, 2, torch.Generator().manual_seed(0))
+    x = torch.cat([p, v], -1)
+    masks = P.head_parameters(model, block, head)
+    params = dict(model.named_parameters())
+    others = [k for k in range(3) if k != head]
+
+    def attention_after(perturb):                                    # perturb: name -> entries to move
+        saved = {n: params[n].detach().clone() for n in perturb}
+        with torch.no_grad():
+            for n, where in perturb.items():
+                params[n] += where * torch.randn(params[n].shape, generator=torch.Generator().manual_seed(1))
+            attn = model(x, return_attention=True)[1]                # (L, B, H, N, N+1)
+            for n in perturb:
+                params[n].copy_(saved[n])
+        return attn
+
+    with torch.no_grad():
+        base = model(x, return_attention=True)[1]
+    inside = attention_after(masks)
+    torch.testing.assert_close(inside[:block], base[:block], rtol=0, atol=1e-12)
+    torch.testing.assert_close(inside[block, :, others], base[block, :, others], rtol=0, atol=1e-12)
+    assert (inside[block, :, head] - base[block, :, head]).abs().max() > 1e-3
+    outside = attention_after({n: ~m for n, m in masks.items()})
+    torch.testing.assert_close(outside[block, :, head], base[block, :, head], rtol=0, atol=1e-12)
+    for k in others:
+        assert (outside[block, :, k] - base[block, :, k]).abs().max() > 1e-3
+
+    attn_module = model.blocks[block].attn
+    h_in = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, weights = attn_module(h_in)                               # (B, H, N, N+1)
+        v_all = h_in @ attn_module.in_proj.weight[24:].T + attn_module.in_proj.bias[24:]   # values: last third
+        heads_out = [weights[:, k, :, :6] @ v_all[..., 4 * k:4 * (k + 1)] for k in range(3)]  # (B, N, E/H) each
+        heads_out[head] = torch.zeros_like(heads_out[head])
+        expected = attn_module.out_proj(torch.cat(heads_out, -1))
+        attn_module.out_proj.weight[masks[f"blocks.{block}.attn.out_proj.weight"]] = 0.0
+        torch.testing.assert_close(attn_module(h_in)[0], expected, rtol=0, atol=1e-12)
 
 
 def F_mse(output, target):
@@ -933,6 +1216,15 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     assert "## The paper's claims, checked" in report and "Table 5" in report
     assert len(read_csv(os.path.join(out, "regimes.csv"))) >= 2 * 2 * 2           # every head has pieces
     assert any(n.startswith("llc_traces_run0") for n in os.listdir(os.path.join(out, "figures")))
+    # REPORT.md's numbers are the CSVs': the head counts, every LLC estimate and every Table 5 row
+    finals = read_csv(os.path.join(out, "final_heads.csv"))
+    count = {c: sum(r["class"] == c for r in finals) for c in ("true", "partial")}
+    assert f"Ours: {count['true']} true and {count['partial']} partial of {len(finals)} heads" in report
+    for run in (0, 1):
+        for r in read_csv(os.path.join(out, f"run{run}", "llc.csv")):
+            assert f"| {run} | {r['step']} | {r['layer']}-{r['head']} | {float(r['llc']):.3g} ± " in report, r
+    for r in read_csv(os.path.join(out, "table5.csv")):
+        assert f"{float(r['exponent']):+.3f} ± {float(r['exponent_ci']):.3f}" in report, r
     stamp = os.path.getmtime(os.path.join(out, "run0", "simulator.json"))
     second = R.reproduce(preset, out, "cpu")
     assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
@@ -1010,30 +1302,134 @@ def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(R, "FULL", R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS))
     assert R.main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
     bench = read_csv(tmp_path / "bench.csv")
-    assert len(bench) == 4 and all(float(r["speedup"]) > 0 for r in bench)
+    assert len(bench) == 4
+    for r in bench:                       # the speedup is the ratio of the two rates measured (rounded)
+        ratio = float(r["ours steps/s"]) / float(r["baseline steps/s"])
+        assert float(r["speedup"]) == pytest.approx(ratio, rel=0.02, abs=0.01), r
     projection = read_csv(tmp_path / "projection.csv")
     assert [r["preset"] for r in projection if r["stage"] == "total"] == ["scaled", "full"]
     assert "Projected wall time" in capsys.readouterr().out
 
 
+def test_power_law_analysis_classes_heads_by_final_score_and_fits_their_curves(tmp_path):
+    # Proves the report's analysis on a metrics table whose answer is known: each head's class comes
+    # from its *final* score (not its first or best), its pieces from |c(t)| on the checkpoints from
+    # 1 % of training on, and regimes.csv lists every piece. Head 1-0 forms late (0 -> 0.95) with
+    # c = -2 t^-0.3; head 1-1 was a collision head early but ends at 0.05, with a flat noisy c; head
+    # 0-0 peaks at 0.9 and ends partial at 0.4, with c decaying exponentially; head 0-1 never detects
+    # collisions and its |c| rises as t^0.5.
+    import reproduce as R
+    steps = np.array(P.checkpoint_steps(P.TrainConfig(steps=20_000, log_checkpoints=32, even_checkpoints=80)))
+    t, u = np.maximum(steps, 1).astype(float), steps / steps[-1]
+    rng = np.random.default_rng(0)
+    score, corr = np.zeros((len(steps), 2, 2)), np.zeros((len(steps), 2, 2))       # (T, L, H)
+    score[:, 0, 0], corr[:, 0, 0] = np.where(u < 0.5, 1.8 * u, 0.9 - (u - 0.5)), np.exp(-t / 5000)
+    corr[:, 0, 1] = 0.01 * t ** 0.5
+    score[:, 1, 0], corr[:, 1, 0] = 0.95 * u, -2 * t ** -0.3
+    score[:, 1, 1], corr[:, 1, 1] = 0.9 - 0.85 * u, 0.1 * np.exp(0.02 * rng.standard_normal(len(t)))
+    heads = R.power_law_analysis({3: (steps, score, corr)}, str(tmp_path))
+    by_head = {(h["layer"], h["head"]): h for h in heads}
+    assert {k: (h["class"], round(h["score"], 2)) for k, h in by_head.items()} == \
+        {(0, 0): ("partial", 0.4), (0, 1): ("none", 0.0), (1, 0): ("true", 0.95), (1, 1): ("none", 0.05)}
+    assert all(h["run"] == 3 and h["t"][0] >= 200 and h["t"][0] == steps[steps >= 200][0] for h in heads)
+    assert [(p.is_power_law, round(p.exponent, 6)) for p in by_head[1, 0]["pieces"]] == [(True, -0.3)]
+    assert [(p.is_power_law, round(p.exponent, 6)) for p in by_head[0, 1]["pieces"]] == [(True, 0.5)]
+    assert not any(p.is_power_law for p in by_head[1, 1]["pieces"] + by_head[0, 0]["pieces"])
+    rows = read_csv(tmp_path / "regimes.csv")
+    assert len(rows) == sum(len(h["pieces"]) for h in heads)
+    assert {(r["layer"], r["head"], r["class"]) for r in rows} == {("0", "0", "partial"), ("0", "1", "none"),
+                                                                  ("1", "0", "true"), ("1", "1", "none")}
+
+
 def _head(run, layer, head, cls, *exponents):
+    """A head for the claims judge: its class and one R² 0.9 power-law piece per exponent, over steps
+    1000-2000, 2000-3000, ..."""
     pieces = [P.PowerLawFit(e, 0.01, 0.0, 0.9, 1000.0 * (i + 1), 1000.0 * (i + 2), 10) for i, e in enumerate(exponents)]
     return {"run": run, "layer": layer, "head": head, "class": cls, "score": 0.9, "pieces": pieces}
 
 
-def test_claims_verdicts_follow_their_rules():
-    # Proves each claim's verdict changes with the evidence it names.
+STABLE = {0: {"energy_model": [10.0, 9.0], "energy_true": [10.0, 9.0]}}
+
+
+def _verdicts(heads, llc=(), sims=STABLE, runs=(0,)):
     import reproduce as R
-    stable = {0: {"energy_model": [10.0, 9.0], "energy_true": [10.0, 9.0]}}
-    llc = [{"run": 0, "layer": 1, "head": 0, "step": s, "llc": v} for s, v in ((1200, 2.0), (1800, 2.1), (2500, 5.0))]
-    heads = [_head(0, 1, 0, "true", -0.3), _head(0, 1, 1, "partial", -0.2), _head(0, 0, 0, "none", 0.5)]
-    verdicts = [c["verdict"] for c in R.check_claims(heads, llc, stable, [0])]
-    assert verdicts == ["supported"] * 6, verdicts
-    heads = [_head(0, 0, 0, "true", 0.4), _head(0, 1, 1, "true"), _head(0, 1, 0, "none", -0.3)]
-    unstable = {0: {"energy_model": [10.0, 90.0], "energy_true": [10.0, 9.0]}}
-    llc = [{"run": 0, "layer": 1, "head": 0, "step": s, "llc": v} for s, v in ((1200, 2.0), (1800, 4.0))]
-    verdicts = [c["verdict"] for c in R.check_claims(heads, llc, unstable, [0])]
-    assert verdicts == ["not supported"] * 6, verdicts
+    return {c["claim"].split(" (")[0]: c["verdict"] for c in R.check_claims(heads, list(llc), sims, list(runs))}
+
+
+def _llc(layer, head, *values):
+    """LLC estimates of run 0's head at steps 1200, 1400, ... (inside the first piece of _head)."""
+    return [{"run": 0, "layer": layer, "head": head, "step": 1200 + 200 * i, "llc": v} for i, v in enumerate(values)]
+
+
+POWER_LAWS = "Collision-detection heads follow power laws"
+NO_OTHER = "No other head follows a power law"
+BLOCK_0 = "No collision-detection head in the first block"
+MIXED_RUNS = "Every run develops both true and partial collision-detection heads"
+PLATEAU = "The LLC plateaus while c(t) is in a power-law regime"
+STABLE_SIM = "The trained model is a stable simulator: no unrealistic energy gain over 1000 steps"
+
+
+@pytest.mark.parametrize("decaying, others, expected", [
+    (0, 0, "not checkable"),                                        # no collision head at all
+    (4, 1, "supported"), (3, 1, "partly supported"),               # 80 % | 75 %
+    (1, 1, "partly supported"), (2, 3, "not supported"),           # 50 % | 40 %
+])
+def test_claim_power_laws_threshold(decaying, others, expected):
+    # Proves "collision heads follow power laws": supported when >= 80 % of collision heads have a
+    # decaying regime, partly at >= 50 %, else not; not checkable without collision heads. The heads
+    # that do not decay here rise (a positive exponent), which does not count.
+    heads = [_head(0, 1, i, "true", -0.3) for i in range(decaying)]
+    heads += [_head(0, 2, i, "partial", +0.4) for i in range(others if decaying else 0)]
+    assert _verdicts(heads)[POWER_LAWS] == expected
+
+
+@pytest.mark.parametrize("decaying, quiet, expected", [
+    (0, 10, "supported"), (1, 10, "partly supported"), (2, 10, "not supported"), (0, 0, "not checkable")])
+def test_claim_no_other_head_threshold(decaying, quiet, expected):
+    # Proves "no other head follows a power law": supported at 0 decaying quiet heads, partly at <= 10 %
+    # of them (1 of 10), not at 2 of 10; not checkable when every head detects collisions.
+    heads = [_head(0, 1, 0, "true", -0.3)]
+    heads += [_head(0, 2, i, "none", -0.2 if i < decaying else 0.3) for i in range(quiet)]
+    assert _verdicts(heads)[NO_OTHER] == expected
+
+
+def test_claim_block_0_and_mixed_runs():
+    # Proves "no collision head in block 0" fails on one partial head there, and "every run has true
+    # and partial heads" is supported, partly supported or not as 2, 1 or 0 of 2 runs have both.
+    both = [_head(0, 1, 0, "true", -0.3), _head(0, 2, 0, "partial", -0.3), _head(1, 1, 0, "true", -0.3),
+            _head(1, 2, 1, "partial", -0.3)]
+    sims = {0: STABLE[0], 1: STABLE[0]}
+    assert _verdicts(both, sims=sims, runs=(0, 1))[BLOCK_0] == "supported"
+    assert _verdicts(both + [_head(1, 0, 3, "partial")], sims=sims, runs=(0, 1))[BLOCK_0] == "not supported"
+    assert _verdicts(both, sims=sims, runs=(0, 1))[MIXED_RUNS] == "supported"
+    assert _verdicts(both[:3], sims=sims, runs=(0, 1))[MIXED_RUNS] == "partly supported"
+    assert _verdicts([both[0], both[2]], sims=sims, runs=(0, 1))[MIXED_RUNS] == "not supported"
+
+
+@pytest.mark.parametrize("first, second, expected", [
+    ((3.5, 4.5), (2.0, 2.0), "supported"),                          # spread 1.0 = 25 % of the mean 4.0
+    ((3.5, 4.6), (2.0, 2.0), "partly supported"),                   # 1.1 = 27 % of 4.05
+    ((3.5, 4.6), (2.0, 3.0), "not supported"),                      # and 1.0 = 40 % of 2.5
+    ((2.0,), (1.0,), "not checkable"),                              # one estimate per regime
+])
+def test_claim_llc_plateau_threshold(first, second, expected):
+    # Proves "the LLC plateaus in a power-law regime": a regime with >= 2 LLC estimates inside is flat
+    # when their spread is <= 25 % of their mean; supported when all such regimes are flat, partly when
+    # some are, not checkable when none holds 2 estimates. Estimates outside the regime do not count.
+    heads = [_head(0, 1, 0, "true", -0.3), _head(0, 1, 1, "true", -0.3)]
+    llc = _llc(1, 0, *first) + _llc(1, 1, *second)
+    llc += [{"run": 0, "layer": 1, "head": 0, "step": 5000, "llc": 99.0}]       # after the regime: ignored
+    assert _verdicts(heads, llc)[PLATEAU] == expected
+
+
+@pytest.mark.parametrize("gains, expected", [((1.0, 1.1), "supported"), ((1.0, 1.11), "partly supported"),
+                                             ((1.2, 5.0), "not supported")])
+def test_claim_stable_simulator_threshold(gains, expected):
+    # Proves "a stable simulator": the largest energy along each rollout over the initial true energy
+    # is <= 1.1 in every run (supported), in some (partly), or in none.
+    sims = {r: {"energy_model": [10.0, 10.0 * g, 5.0], "energy_true": [10.0, 9.0, 5.0]} for r, g in enumerate(gains)}
+    heads = [_head(r, 1, 0, "true", -0.3) for r in sims]
+    assert _verdicts(heads, sims=sims, runs=sims)[STABLE_SIM] == expected
 
 
 def test_reproduce_bad_arguments_give_one_error_line(capsys):
