@@ -299,18 +299,22 @@ class ModelConfig:
     boundary_radius: float = 2.0    # r of the radial mask
     activation: str = "relu"        # σ
     mlp_ratio: int = 4              # free choice: block MLP width 4E, as in most transformers
-    pos_scale: float = 7.0          # free choice: the model sees (p − box centre) / 7 (half the box height) ...
-    vel_scale: float = 3.0          # ... and v / 3 (a typical speed): inputs of order 1, centred on 0
-    acc_scale: float = 100.0        # free choice: a = 100 * (W_u x + c_u); contact accelerations are ~10-500
+    scaled_io: bool = False         # Appendix C.1 (False): the raw state [p v] and raw b_j in, a = W_u x + c_u out.
+                                    # True is a free choice of the scaled preset only (README): the model sees
+                                    # (p − box centre)/7, v/3 and outputs a = 100·(W_u x + c_u)
 
     def __post_init__(self):
-        for name in ("n_blocks", "n_heads", "embed_dim", "boundary_radius", "mlp_ratio", "pos_scale",
-                     "vel_scale", "acc_scale"):
+        for name in ("n_blocks", "n_heads", "embed_dim", "boundary_radius", "mlp_ratio"):
             _require(getattr(self, name) > 0, f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         _require(self.embed_dim % self.n_heads == 0,
                  f"ModelConfig.embed_dim={self.embed_dim} must be divisible by n_heads={self.n_heads}")
         _require(self.activation in ACTIVATIONS,
                  f"ModelConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+
+
+# ModelConfig.scaled_io: inputs of order 1 (half the box height, a typical speed) and an output factor
+# for contact accelerations of ~10-500, so that Adam's early steps reach them (a free choice, README).
+SCALED_IO_POSITION, SCALED_IO_VELOCITY, SCALED_IO_ACCELERATION = 7.0, 3.0, 100.0
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, activation: str) -> nn.Sequential:
@@ -329,8 +333,13 @@ class ParticleAttention(nn.Module):
     def __init__(self, embed_dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)   # fused W_q, W_k, W_v
+        # Initialised as nn.MultiheadAttention, which Appendix C.1 points to, drawing from the RNG in its
+        # order: the out-projection as nn.Linear, then a xavier-uniform fused in-projection; both biases 0.
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.in_proj = nn.utils.skip_init(nn.Linear, embed_dim, 3 * embed_dim)   # fused W_q, W_k, W_v
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor):
         B, N, E = x.shape
@@ -378,16 +387,22 @@ class ParticleTransformer(nn.Module):
         self.unembed = nn.Linear(E, 2)                             # a_i = W_u x_i^(L) + c_u
         self.register_buffer("boundary", boundary_particles(sim), persistent=False)  # (M, 2)
         self.register_buffer("gravity", gravity_vector(sim), persistent=False)       # (2,)
-        self.register_buffer("centre", torch.tensor([sim.box_width, sim.box_height]) / 2, persistent=False)
+        # What the MLPs see is (x − shift) / scale: the raw state for the paper (shift 0, scale 1), and with
+        # cfg.scaled_io (p − box centre)/7, v/3; a = out_scale · (W_u x + c_u), out_scale 1 for the paper.
+        centre = torch.tensor([sim.box_width, sim.box_height]) / 2
+        shift = torch.cat([centre, torch.zeros(2)]) if cfg.scaled_io else torch.zeros(4)
+        scale = torch.tensor([SCALED_IO_POSITION] * 2 + [SCALED_IO_VELOCITY] * 2) if cfg.scaled_io else torch.ones(4)
+        self.register_buffer("in_shift", shift, persistent=False)                 # (4,)
+        self.register_buffer("in_scale", scale, persistent=False)                 # (4,)
+        self.out_scale = SCALED_IO_ACCELERATION if cfg.scaled_io else 1.0
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """x_i^(0) = x'_i + b'_i (Appendix C.1): the particle embedding plus the boundary MLP summed
         over the boundary particles within r of p_i (the radial mask). x (B, N, 4) -> (B, N, E)."""
-        p, v = x[..., :2], x[..., 2:]
-        cfg = self.cfg
-        h = self.embed(torch.cat([(p - self.centre) / cfg.pos_scale, v / cfg.vel_scale], -1))  # x' (B, N, E)
-        near = (torch.cdist(p, self.boundary) < cfg.boundary_radius).to(h.dtype)  # radial mask (B, N, M)
-        return h + near @ self.boundary_embed((self.boundary - self.centre) / cfg.pos_scale)  # x' + b'
+        h = self.embed((x - self.in_shift) / self.in_scale)                       # x' (B, N, E)
+        near = (torch.cdist(x[..., :2], self.boundary) < self.cfg.boundary_radius).to(h.dtype)  # mask (B, N, M)
+        b = (self.boundary - self.in_shift[:2]) / self.in_scale[:2]               # (M, 2)
+        return h + near @ self.boundary_embed(b)                                  # x' + b'
 
     def acceleration(self, x: torch.Tensor, return_attention: bool = False):
         """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)]."""
@@ -396,7 +411,7 @@ class ParticleTransformer(nn.Module):
         for block in self.blocks:
             h, attn = block(h)
             attention.append(attn)
-        a = self.cfg.acc_scale * self.unembed(self.ln_final(h))                  # (B, N, 2)
+        a = self.out_scale * self.unembed(self.ln_final(h))                       # (B, N, 2)
         return (a, torch.stack(attention)) if return_attention else a
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):

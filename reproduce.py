@@ -98,7 +98,7 @@ FULL = Preset()
 # instead of batch 64 for 64 000 steps at 1e-3 (an 11x smaller sample budget, partly made up by the
 # larger step). The LLC uses Table 1's γ and nβ but ε = 1e-3 and far shorter chains (see README).
 SCALED = Preset(
-    model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64),
+    model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
     train=TrainConfig(steps=23_000, batch_size=16, lr=2e-3, log_checkpoints=32, even_checkpoints=46),
     runs=1, rollout_states=8, rollout_steps=1000,
     llc=LLCConfig(step_size=1e-3, batch_size=8, steps=100, burn_in=60, chains=4),

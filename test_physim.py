@@ -51,7 +51,9 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-TINY_MODEL = P.ModelConfig(n_blocks=2, n_heads=2, embed_dim=16)
+# scaled_io (the scaled preset's input and output scaling) lets 100 tiny steps learn visibly; the
+# paper's raw input and output are tested on their own (section 3).
+TINY_MODEL = P.ModelConfig(n_blocks=2, n_heads=2, embed_dim=16, scaled_io=True)
 
 # The training run shared by the training, resume and checkpoint tests (float32, as in real use).
 TRAIN_SIM = P.SimConfig(n_particles=16, n_steps=64, box_width=10.0, box_height=6.0)
@@ -391,23 +393,29 @@ def test_forward_is_eq_6_semi_implicit_euler(float64):
         torch.testing.assert_close(model(x), torch.cat([p + 0.005 * v_fall, v_fall], -1), rtol=0, atol=1e-12)
 
 
-def test_embedding_is_particle_mlp_plus_masked_boundary_sum(float64):
+@pytest.mark.parametrize("scaled_io", [False, True])
+def test_embedding_is_particle_mlp_plus_masked_boundary_sum(float64, scaled_io):
     # Proves x_i^(0) = x'_i + Σ_j 1(|p_i − b_j| < r) [W_b2 σ(W_b1 b_j + c_b1) + c_b2] (Appendix C.1) by a
     # loop over particles and boundary particles, on states with particles near walls and corners
-    # (some boundary particles inside the radius, some not) and with r = 2 from Table 4.
-    model, x = _tiny_model_and_state(n_particles=6, batch=2)
-    cfg, sim = model.cfg, model.sim
-    centre = torch.tensor([sim.box_width, sim.box_height]) / 2
+    # (some boundary particles inside the radius, some not) and with r = 2 from Table 4. The MLPs see
+    # the raw p, v and b_j (the paper), or (p − box centre)/7, v/3, (b_j − box centre)/7 with scaled_io;
+    # the radial mask always uses the raw distance.
+    sim = P.SimConfig(n_particles=6, box_width=5.0, box_height=5.0)
+    torch.manual_seed(0)
+    model = P.ParticleTransformer(P.ModelConfig(n_blocks=2, n_heads=2, embed_dim=16, scaled_io=scaled_io), sim).eval()
+    p, v = P.random_initial_state(sim, 2, torch.Generator().manual_seed(0))
+    x = torch.cat([p, v], -1)
+    centre, pos, vel = (torch.tensor([2.5, 2.5]), 7.0, 3.0) if scaled_io else (torch.zeros(2), 1.0, 1.0)
     with torch.no_grad():
         got = model.embedding(x)                                     # (B, N, E)
         for b in range(x.shape[0]):
             for i in range(x.shape[1]):
                 p, v = x[b, i, :2], x[b, i, 2:]
-                expected = model.embed(torch.cat([(p - centre) / cfg.pos_scale, v / cfg.vel_scale]))
+                expected = model.embed(torch.cat([(p - centre) / pos, v / vel]))
                 inside = 0
                 for boundary in model.boundary:
-                    if float((p - boundary).norm()) < cfg.boundary_radius:
-                        expected = expected + model.boundary_embed((boundary - centre) / cfg.pos_scale)
+                    if float((p - boundary).norm()) < 2.0:
+                        expected = expected + model.boundary_embed((boundary - centre) / pos)
                         inside += 1
                 assert 0 < inside < len(model.boundary)
                 torch.testing.assert_close(got[b, i], expected, rtol=0, atol=1e-10)
@@ -448,6 +456,22 @@ def test_attention_equals_pytorch_multihead_attention():
     out, attn = ours(x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(attn, expected_attn)                                # (B, H, N, N+1)
+
+
+def test_attention_is_initialised_as_pytorch_multihead_attention():
+    # Proves the initialisation Appendix C.1 points to: from the same seed, ParticleAttention's weights
+    # are nn.MultiheadAttention's, bit for bit (xavier-uniform fused in-projection, nn.Linear's default
+    # out-projection, both biases zero), and the in-projection is not nn.Linear's default (its entries
+    # exceed that default's bound 1/sqrt(E), as xavier's bound sqrt(6 / (E + 3E)) = 1.22/sqrt(E) allows).
+    for E, H in ((16, 4), (128, 8)):
+        torch.manual_seed(0)
+        ours = P.ParticleAttention(E, H)
+        torch.manual_seed(0)
+        mha = torch.nn.MultiheadAttention(E, H, add_zero_attn=True, batch_first=True)
+        assert torch.equal(ours.in_proj.weight, mha.in_proj_weight)
+        assert torch.equal(ours.out_proj.weight, mha.out_proj.weight)
+        assert torch.equal(ours.in_proj.bias, torch.zeros(3 * E)) and torch.equal(ours.out_proj.bias, torch.zeros(E))
+        assert float(ours.in_proj.weight.detach().abs().max()) > 1.1 / math.sqrt(E)
 
 
 def test_attention_shape_normalisation_and_self_mask():
