@@ -227,8 +227,10 @@ def boundary_particles(cfg: SimConfig) -> torch.Tensor:
 class DataConfig:
     """How trajectories become training batches and the held-out metric set."""
     chunk_trajectories: int = 64   # free choice: trajectories simulated together and shuffled together
-    heldout_trajectories: int = 16  # free choice: the fixed held-out set for the metrics of §2.2 ...
-    heldout_states: int = 256      # ... is this many states drawn uniformly over (trajectory, time)
+    heldout_states: int = 256      # free choice: the metrics of §2.2 are expectations over the data; they are
+                                   # taken over this many independent states, one from each of as many
+                                   # held-out trajectories, at a uniformly drawn time
+    bootstrap: int = 32            # free choice: bootstrap resamples of those states for the metrics' errors
 
     def __post_init__(self):
         for f in fields(self):
@@ -273,14 +275,35 @@ class TrainingStream:
         return self._states[traj, t], self._states[traj, t + 1]    # (B, N, 4) each
 
 
+HELDOUT_SEED = 987_654_321  # the held-out trajectories' seed, far from every training seed
+HELDOUT_CHUNK = 32          # held-out trajectories simulated together (a whole trajectory is kept only while read)
+
+
 def heldout_set(sim: SimConfig, data: DataConfig, device=None):
-    """The fixed, seeded held-out set: trajectories (n, T+1, N, 4) and metric states (S, N, 4) with
-    their successors (S, N, 4). Independent of the training seed, so runs are compared on one set."""
-    states = simulate_states(sim, data.heldout_trajectories, seed=987_654_321, device=device)
-    g = torch.Generator().manual_seed(123_456_789)
-    traj = torch.randint(data.heldout_trajectories, (data.heldout_states,), generator=g).to(states.device)
-    t = torch.randint(sim.n_steps, (data.heldout_states,), generator=g).to(states.device)
-    return states, states[traj, t], states[traj, t + 1]
+    """The fixed, seeded held-out set of the §2.2 metrics: S = data.heldout_states independent states
+    (S, N, 4), the state of trajectory s at a uniformly drawn time t_s < T, with their successors
+    (S, N, 4), so that the metrics are expectations over the data distribution (training pairs are
+    uniform over trajectory and time too). Independent of the training seed: runs are compared on one
+    set."""
+    g = torch.Generator().manual_seed(HELDOUT_SEED)
+    times = torch.randint(sim.n_steps, (data.heldout_states,), generator=g)
+    x, y = [], []
+    for first in range(0, data.heldout_states, HELDOUT_CHUNK):
+        t = times[first:first + HELDOUT_CHUNK].to(device)
+        states = simulate_states(sim, len(t), HELDOUT_SEED + first, device, int(t.max()) + 1)  # (32, t_max + 2, N, 4)
+        rows = torch.arange(len(t), device=states.device)
+        x.append(states[rows, t])
+        y.append(states[rows, t + 1])
+    return torch.cat(x), torch.cat(y)
+
+
+def bootstrap_weights(n: int, replicates: int, seed: int = 0) -> torch.Tensor:
+    """Bootstrap resamples of n items as weights (replicates, n): row k holds how often resample k draws
+    each item (multinomial, n draws with replacement), divided by n. Weighted metrics with row k equal
+    the metrics of resample k (tested); the same seed gives the same resamples at every checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (replicates, n), generator=g)                          # (K, n)
+    return torch.zeros(replicates, n).scatter_add_(1, draws, torch.ones(replicates, n)) / n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,40 +468,64 @@ def attention_weights(model: ParticleTransformer, states: torch.Tensor, chunk: i
     return torch.cat([model(s, return_attention=True)[1] for s in states.split(chunk)], 1)
 
 
+def _uniform(weights: torch.Tensor | None, n_states: int, like: torch.Tensor) -> torch.Tensor:
+    """The weights of the states, (K, S): the given resamples, or one row of 1/S (the plain mean)."""
+    w = torch.full((1, n_states), 1.0 / n_states) if weights is None else weights
+    return w.to(like.device, like.dtype)
+
+
+def _weighted_mean(w: torch.Tensor, z: torch.Tensor, state_dim: int) -> torch.Tensor:
+    """Σ_s w_ks z_s over the states axis `state_dim` of z: (K, S), z (..., S, ...) -> (K, ..., ...)."""
+    zs = z.movedim(state_dim, 0)                                                 # (S, ...)
+    return (w @ zs.reshape(zs.shape[0], -1)).view(w.shape[0], *zs.shape[1:])
+
+
 def collision_detection_score(attn: torch.Tensor, positions: torch.Tensor,
-                              radius: float = COLLISION_RADIUS) -> torch.Tensor:
+                              radius: float = COLLISION_RADIUS, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Expected attention a head gives to particles within `radius` of the query particle (§2.2).
 
     attn (..., S, H, N, N+1), positions (S, N, 2) -> (..., H). The expectation runs over states and
     over the query particles that have at least one particle within the radius; queries with none are
     left out (they cannot attend to a neighbour, and counting them would cap every head below 1).
+    With weights (K, S) (bootstrap_weights) the states are weighted, one score per row: (K, ..., H).
     """
     N = positions.shape[-2]
     dist = torch.cdist(positions, positions)                                     # (S, N, N)
     near = (dist < radius) & ~torch.eye(N, dtype=torch.bool, device=dist.device)
     has_near = near.any(-1)                                                      # (S, N)
     mass = (attn[..., :N] * near.unsqueeze(-3)).sum(-1)                          # (..., S, H, N)
-    mass = mass * has_near.unsqueeze(-2)
-    return mass.sum((-1, -3)) / has_near.sum().clamp(min=1)
+    per_state = (mass * has_near.unsqueeze(-2)).sum(-1)                          # (..., S, H)
+    w = _uniform(weights, len(positions), per_state)                             # (K, S)
+    queries = w @ has_near.sum(-1).to(w.dtype)                                   # (K,) weighted count
+    score = _weighted_mean(w, per_state, -2) / queries.clamp(min=1e-12).view(-1, *[1] * (per_state.dim() - 1))
+    return score[0] if weights is None else score
 
 
-def attention_distance_correlation(attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def attention_distance_correlation(attn: torch.Tensor, positions: torch.Tensor,
+                                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """c(w) = 1/(N²−N) Σ_{i≠j} corr(d_ij, α_ij(w)) (§2.2), per head: (..., S, H, N, N+1) -> (..., H).
 
     Each corr is taken over the S states separately for the pair (i, j), then averaged over pairs.
     A pair whose attention never varies has no correlation and is left out of the average.
+    With weights (K, S) (bootstrap_weights) the states are weighted, one c per row: (K, ..., H).
     Computed in float64 (tiny attention weights underflow float32).
     """
     N = positions.shape[-2]
     # float64: far pairs of a sharp head get attention ~1e-30, whose squares underflow float32
     d = torch.cdist(positions, positions).double().unsqueeze(-3)                 # (S, 1, N, N)
     a = attn[..., :N].double()                                                   # (..., S, H, N, N)
-    dc, ac = d - d.mean(-4, keepdim=True), a - a.mean(-4, keepdim=True)
-    cov = (dc * ac).mean(-4)                                                     # (..., H, N, N)
-    std = dc.pow(2).mean(-4).sqrt() * ac.pow(2).mean(-4).sqrt()
-    corr = cov / std                                                             # nan where std = 0
+    dc, ac = d - d.mean(-4, keepdim=True), a - a.mean(-4, keepdim=True)          # centred: no cancellation below
+    w = _uniform(weights, len(positions), a)                                     # (K, S)
+    lead = [1] * (a.dim() - 4)                                                   # d has none of attn's leading dims
+    md = _weighted_mean(w, dc, 0).view(len(w), *lead, 1, N, N)                   # (K, ..., 1, N, N)
+    vd = _weighted_mean(w, dc.pow(2), 0).view(len(w), *lead, 1, N, N) - md.pow(2)
+    ma = _weighted_mean(w, ac, -4)                                               # (K, ..., H, N, N)
+    va = _weighted_mean(w, ac.pow(2), -4) - ma.pow(2)
+    cov = _weighted_mean(w, dc * ac, -4) - md * ma
+    corr = cov / (vd * va).sqrt()                                                # nan where a never varies
     corr = corr.masked_fill(torch.eye(N, dtype=torch.bool, device=corr.device), float("nan"))
-    return corr.nanmean((-1, -2))
+    c = corr.nanmean((-1, -2))                                                   # (K, ..., H)
+    return c[0] if weights is None else c
 
 
 @torch.no_grad()
@@ -625,18 +672,24 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 @torch.no_grad()
-def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torch.Tensor):
-    """§2.2 metrics of every head on the held-out states, and the held-out loss.
-    Returns (collision score (L, H), correlation c (L, H), held-out next-state MSE)."""
+def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torch.Tensor,
+                 bootstrap: torch.Tensor) -> dict:
+    """§2.2 metrics of every head on the held-out states (S, N, 4), with their sampling errors, and the
+    held-out loss. `bootstrap` (K, S) are resamples of the states (bootstrap_weights); a metric's error
+    is the standard deviation of its K resampled values. Returns {"collision_score", "collision_score_se",
+    "correlation", "correlation_se": (L, H) each, "heldout_loss": float}."""
     was_training = model.training
     model.eval()
     predicted, attn = zip(*(model(x, return_attention=True) for x in states.split(64)))
     attn = torch.cat(attn, 1)                                                  # (L, S, H, N, N+1)
-    loss = F.mse_loss(torch.cat(predicted), targets)
-    score = collision_detection_score(attn, states[..., :2])
-    corr = attention_distance_correlation(attn, states[..., :2])
+    positions = states[..., :2]
+    weights = torch.cat([_uniform(None, len(states), bootstrap), bootstrap.to(states.device)])  # (1 + K, S)
+    score = collision_detection_score(attn, positions, weights=weights)        # (1 + K, L, H)
+    corr = attention_distance_correlation(attn, positions, weights=weights)    # (1 + K, L, H)
     model.train(was_training)
-    return score, corr, float(loss)
+    return {"collision_score": score[0], "collision_score_se": score[1:].std(0),
+            "correlation": corr[0], "correlation_se": corr[1:].std(0),
+            "heldout_loss": float(F.mse_loss(torch.cat(predicted), targets))}
 
 
 def _compiled(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -656,7 +709,8 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     """Train one run (Table 2) into run_dir, resuming from its latest checkpoint.
 
     At every step of checkpoint_steps(train_cfg) it evaluates the §2.2 metrics of every head on the
-    held-out set, rewrites run_dir/metrics.csv (step, layer, head, collision_score, correlation) and
+    held-out set, rewrites run_dir/metrics.csv (step, layer, head, collision_score and correlation, each
+    with its bootstrap standard error *_se) and
     run_dir/losses.csv, and saves a full checkpoint (what a resume needs) in place of the previous
     one; the weights of the steps in `keep_weights` (default: every checkpoint step) are kept, in
     half precision, under run_dir/weights/. `stop_at` (a checkpoint step) ends the call after the
@@ -687,7 +741,8 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
              f"stop_at={stop_at} must be one of the checkpoint steps, so that the work up to it is saved")
     schedule = [s for s in checkpoint_steps(train_cfg) if s >= start]
     stream = TrainingStream(sim, data_cfg, train_cfg.batch_size, train_cfg.seed, device)
-    _, heldout_x, heldout_y = heldout_set(sim, data_cfg, device)
+    heldout_x, heldout_y = heldout_set(sim, data_cfg, device)
+    resamples = bootstrap_weights(data_cfg.heldout_states, data_cfg.bootstrap)    # (K, S), the same every checkpoint
     progress = Progress(label, train_cfg.steps, start)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     model.train()
@@ -695,13 +750,13 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     for step in range(start, train_cfg.steps + 1):
         if step == schedule[0] and not (resume and step == start):
             schedule.pop(0)
-            score, corr, heldout_loss = head_metrics(model, heldout_x, heldout_y)
+            metrics = head_metrics(model, heldout_x, heldout_y, resamples)
+            table = {k: v.tolist() for k, v in metrics.items() if k != "heldout_loss"}   # one copy to the host
             history["metrics"] += [
-                {"step": step, "layer": l, "head": h, "collision_score": float(score[l, h]),
-                 "correlation": float(corr[l, h])}
+                {"step": step, "layer": l, "head": h, **{k: v[l][h] for k, v in table.items()}}
                 for l in range(model_cfg.n_blocks) for h in range(model_cfg.n_heads)]
             history["losses"].append({"step": step, "train_loss": float(loss_sum) / max(loss_count, 1)
-                                      if loss_count else float("nan"), "heldout_loss": heldout_loss})
+                                      if loss_count else float("nan"), "heldout_loss": metrics["heldout_loss"]})
             loss_sum, loss_count = torch.zeros((), device=device), 0
             save_checkpoint(checkpoint_path(run_dir, step), model, optimizer, step, configs, history)
             for name in os.listdir(os.path.join(run_dir, "checkpoints")):         # keep the latest only
@@ -711,8 +766,8 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
                 save_weights(weights_path(run_dir, step), model, step, configs)
             _write_csv(os.path.join(run_dir, "metrics.csv"), history["metrics"])
             _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
-            progress.update(step, f"held-out loss {heldout_loss:.3g}, best collision score "
-                                  f"{float(score.max()):.2f}", force=step == train_cfg.steps)
+            progress.update(step, f"held-out loss {metrics['heldout_loss']:.3g}, best collision score "
+                                  f"{max(max(row) for row in table['collision_score']):.2f}", force=step == train_cfg.steps)
         elif step == schedule[0]:
             schedule.pop(0)                     # the checkpoint we resumed from
         if step == train_cfg.steps or step == stop_at:
@@ -787,9 +842,11 @@ class LLCConfig:
 
 @dataclass
 class LLCResult:
-    """One estimate of eq. (3). Chains flagged unhealthy are left out of `llc` and `llc_stderr`."""
-    llc: float                   # mean λ̂ over the healthy chains (nan if none)
-    llc_stderr: float            # standard error of that mean (nan with fewer than 2 healthy chains)
+    """One estimate of eq. (3): the mean over all C chains, as the paper (and devinterp) report it. The
+    health verdicts are diagnostics beside it: unhealthy chains are flagged, never dropped (dropping
+    chains that go below L(w₀) would bias λ̂ upwards exactly where w₀ is not a minimum)."""
+    llc: float                   # mean λ̂ over all chains
+    llc_stderr: float            # standard error of that mean (nan with 1 chain)
     chain_llc: list              # λ̂ of every chain
     init_loss: list              # every chain's estimate of L_n(w₀)
     health: list                 # every chain's verdict: "healthy", or why not
@@ -816,6 +873,16 @@ def head_parameters(model: ParticleTransformer, block: int, head: int) -> dict:
     return {prefix + "in_proj.weight": rows[:, None].expand(3 * E, E).clone(),
             prefix + "in_proj.bias": rows,
             prefix + "out_proj.weight": cols[None, :].expand(E, E).clone()}
+
+
+def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Appendix B.1's loss ℓ(w, x, y) = ‖y − f(x, w)‖², summed over every output of a sample (the 4N
+    numbers of a particle state), averaged over the minibatch: L_m. (F.mse_loss also averages over the
+    outputs: 4N times smaller, so at the same nβ it samples a posterior 4N times hotter.)"""
+    return (output - target).pow(2).flatten(1).sum(1).mean()
+
+
+LLC_LOSSES = {"sum": squared_error, "mean": F.mse_loss}   # the two conventions of L_m (reproduce.Preset.llc_loss)
 
 
 def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, block: int = 256):
@@ -958,9 +1025,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     for k in range(K):
         chain_llc = nbeta * (traces[k, :, B:].mean(1) - init)                 # eq. (3), (C,)
         health = [chain_health(traces[k, c], w0_losses[c], B) for c in range(C)]
-        good = torch.tensor([h == "healthy" for h in health])
-        llc = float(chain_llc[good].mean()) if good.any() else float("nan")
-        stderr = float(chain_llc[good].std() / math.sqrt(good.sum())) if good.sum() > 1 else float("nan")
+        llc = float(chain_llc.mean())
+        stderr = float(chain_llc.std() / math.sqrt(C)) if C > 1 else float("nan")
         final = {n: torch.where(masks[n][k * C:(k + 1) * C], w0[n] + delta[n][k * C:(k + 1) * C], w0[n]).cpu()
                  for n in subsets[k]}
         results.append(LLCResult(llc, stderr, chain_llc.tolist(), init.tolist(), health, traces[k], w0_losses,
@@ -975,15 +1041,20 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
 @dataclass
 class PowerLawFit:
     """log|c| = α log t + log A fitted by least squares (natural logs), i.e. |c| = A t^α: a row of
-    Table 5. α is Table 5's column "Exponent −α", negative where |c| decays."""
+    Table 5. α is Table 5's column "Exponent −α", negative where |c| decays. find_power_law_regimes
+    adds diagnostics that allow for errors correlated between checkpoints (AR(1), see below)."""
     exponent: float            # α, the slope on log-log axes
-    exponent_ci: float         # half-width of α's 95% confidence interval
+    exponent_ci: float         # half-width of α's 95% confidence interval (iid errors, as the paper)
     log_constant: float        # log A
     r2: float                  # R² of the linear fit
     start: float               # first and last training step in the fit
     end: float
     n_points: int
-    is_power_law: bool = True  # find_power_law_regimes: whether this piece passes its criterion ...
+    exponent_ar1: float = math.nan     # α by generalised least squares with AR(1) errors ...
+    exponent_ar1_ci: float = math.nan  # ... and its 95% half-width: the exponent is resolved if it excludes 0
+    curvature_p: float = math.nan      # p of a quadratic term in log t (AR(1) F test): small = curved
+    exponential_p: float = math.nan    # p of a term linear in t (AR(1) F test): small = not a pure power law
+    is_power_law: bool = True  # find_power_law_regimes: whether this piece is a power-law regime ...
     verdict: str = "fitted"    # ... and why (not)
 
 
@@ -1011,6 +1082,75 @@ def fit_power_law(t, c, start=None, end=None, confidence: float = 0.95) -> Power
     return PowerLawFit(float(fit.slope), half_width, float(fit.intercept), r2, float(t[0]), float(t[-1]), len(x))
 
 
+# Beyond the paper, which chose its sections by eye. c(t) does not scatter independently around a
+# trend: it drifts from one checkpoint to the next (training fluctuations, and the one fixed held-out
+# set). We model those deviations of log|c| as AR(1) across checkpoints, e_k = ρ e_{k−1} + noise, and fit
+# by generalised least squares: rows r_k − ρ r_{k−1} (Prais-Winsten, the first row scaled by
+# sqrt(1 − ρ²)) have independent errors, so intervals and F tests on them hold (with ρ = 0, plain least
+# squares). Tests with iid errors reject true late regimes of correlated c(t) in most draws.
+
+def noise_correlation(t, curves) -> float:
+    """ρ of the AR(1) deviations of log|c| between consecutive checkpoints, estimated over the second
+    half of training (where the curves move slowly) from several curves c (each like t): the lag-1
+    autocorrelation r of the centred differences of log|c| is −(1 − ρ)/2 for AR(1) deviations, so
+    ρ = 1 + 2 r, with r the median over curves. Clipped to [0, 0.99]."""
+    t = np.asarray(t, dtype=np.float64)
+    late = t >= t[-1] / 2
+    lags = []
+    for c in curves:
+        d = np.diff(np.log(np.abs(np.asarray(c, dtype=np.float64)[late])))
+        d = d[np.isfinite(d)] - d[np.isfinite(d)].mean()
+        if len(d) > 2 and (d * d).sum() > 0:
+            lags.append((d[1:] * d[:-1]).sum() / (d * d).sum())
+    return float(np.clip(1 + 2 * np.median(lags), 0.0, 0.99)) if lags else 0.0
+
+
+def _ar1_least_squares(A: np.ndarray, y: np.ndarray, rho: float):
+    """Generalised least squares of y on the columns of A with AR(1) errors of coefficient rho
+    (Prais-Winsten). Returns the coefficients, the residual sum of squares of the whitened rows, and
+    the covariance of the coefficients."""
+    scale = math.sqrt(1 - rho ** 2)
+    Aw = np.vstack([A[:1] * scale, A[1:] - rho * A[:-1]])
+    yw = np.concatenate([y[:1] * scale, y[1:] - rho * y[:-1]])
+    beta, *_ = np.linalg.lstsq(Aw, yw, rcond=None)
+    rss = float(np.sum((yw - Aw @ beta) ** 2))
+    return beta, rss, rss / max(len(y) - A.shape[1], 1) * np.linalg.pinv(Aw.T @ Aw)
+
+
+def _more_terms_p(t, x, y, extra, rho: float) -> float:
+    """p value of adding the column `extra` to the line a + b log t (F test on the AR(1)-whitened rows)."""
+    n, line = len(x), np.stack([np.ones(len(x)), x], 1)
+    _, rss_line, _ = _ar1_least_squares(line, y, rho)
+    _, rss_more, _ = _ar1_least_squares(np.column_stack([line, extra]), y, rho)
+    return float(scipy.stats.f.sf((rss_line - rss_more) / max(rss_more / (n - 3), 1e-300), 1, n - 3))
+
+
+def _line_rss(x, y, rho: float) -> np.ndarray:
+    """Residual sum of squares of the AR(1) least-squares line through points i .. j−1, for all i < j:
+    (n+1, n+1), from cumulative sums of the whitened rows (row i scaled by s = sqrt(1 − ρ²), then
+    (1 − ρ, x_k − ρ x_{k−1} | y_k − ρ y_{k−1}))."""
+    n = len(x)
+    s2, one = 1 - rho ** 2, 1 - rho
+    u = np.concatenate([[0.0], x[1:] - rho * x[:-1]])
+    v = np.concatenate([[0.0], y[1:] - rho * y[:-1]])
+    cum = {k: np.concatenate([[0.0], np.cumsum(a)]) for k, a in
+           {"n": np.ones(n), "u": u, "v": v, "uu": u * u, "uv": u * v, "vv": v * v}.items()}
+    i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    first = np.clip(i, 0, n - 1)
+
+    def rows_after_first(key):                                                  # Σ over k = i+1 .. j−1
+        return cum[key][j] - cum[key][np.clip(i + 1, 0, n)]
+    Saa = s2 + one * one * rows_after_first("n")
+    Sau = s2 * x[first] + one * rows_after_first("u")
+    Suu = s2 * x[first] ** 2 + rows_after_first("uu")
+    Sav = s2 * y[first] + one * rows_after_first("v")
+    Suv = s2 * x[first] * y[first] + rows_after_first("uv")
+    Svv = s2 * y[first] ** 2 + rows_after_first("vv")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rss = Svv - (Suu * Sav ** 2 - 2 * Sau * Sav * Suv + Saa * Suv ** 2) / (Saa * Suu - Sau ** 2)
+    return np.clip(rss, 0, None)
+
+
 @dataclass
 class RegimeConfig:
     """The criterion of find_power_law_regimes. All free choices: the paper found its sections by eye."""
@@ -1018,45 +1158,35 @@ class RegimeConfig:
     min_points: int = 5        # a piece holds at least this many checkpoints ...
     min_span: float = 1.15     # ... and spans at least this factor in t (the shortest section of
                                #     Table 5, steps 4864-5734, spans 1.18)
-    min_r2: float = 0.7        # a power law fits its piece with R² at least this (Table 5: 0.53-0.98)
-    curvature_p: float = 0.01  # a piece is curved on log-log axes if a quadratic term in log t is
-                               #     significant at this level (F test)
+    min_r2: float = 0.5        # a power law fits its piece with R² at least this (Table 5 keeps 0.525-0.982)
+    exponential_p: float = 0.01  # end_of_development: an exponential decay fits significantly better at this level
 
     def __post_init__(self):
         _require(self.max_segments >= 1 and self.min_points >= 3 and self.min_span >= 1 and 0 <= self.min_r2 <= 1,
                  f"RegimeConfig needs max_segments >= 1, min_points >= 3, min_span >= 1, 0 <= min_r2 <= 1: {self}")
 
 
-def find_power_law_regimes(t, c, cfg: RegimeConfig = RegimeConfig()) -> list[PowerLawFit]:
-    """Split log|c| vs log t into straight pieces and say which pieces are power laws (beyond the
-    paper, which picked its sections by eye). Returns every piece in order of t, each fitted by
-    fit_power_law; the power-law regimes are the pieces with is_power_law, and the breakpoints
-    between pieces are the transitions (e.g. between head variants, Fig. 1).
+def find_power_law_regimes(t, c, rho: float = 0.0, cfg: RegimeConfig = RegimeConfig()) -> list[PowerLawFit]:
+    """Split log|c| vs log t into straight pieces and say which are power-law regimes. Returns every
+    piece in order of t, with the paper's fit (fit_power_law) and the AR(1) diagnostics (rho from
+    noise_correlation; 0 = independent errors); the breakpoints between pieces are the transitions
+    (e.g. between head variants, Fig. 1).
 
     1. Segmentation: for k = 1 .. max_segments, the split into k contiguous pieces (each of at least
-       min_points points spanning a factor min_span in t) with the least total squared residual of a
-       separate line per piece, found exactly by dynamic programming; k is chosen by BIC,
+       min_points points spanning a factor min_span in t) with the least total squared (whitened)
+       residual of a separate line per piece, found exactly by dynamic programming; k is chosen by BIC,
        n log(RSS/n) + 3k log n (a slope and an intercept per piece, k − 1 breakpoints, the variance).
-    2. A piece is a power-law regime iff (a) R² >= min_r2; (b) the 95% interval of α excludes 0 (|c|
-       moves; a flat stretch is no power law); (c) a power law fits the piece at least as well as an
-       exponential, log|c| linear in t: gradient flow converges exponentially near a non-degenerate
-       minimum and as a power law near a degenerate one (Appendix A.1), and this test tells them apart;
-       (d) the piece is straight on log-log axes: a quadratic term in log t does not reduce the
-       residual significantly (F test at level curvature_p).
+    2. A piece is a power-law regime (a row of Table 5) iff "a good linear fit" (§3.2): R² >= min_r2,
+       and its exponent is resolved (the AR(1) interval excludes 0: |c| moves). The curvature and
+       exponential tests are reported beside it (end_of_development uses the exponential one).
     """
     t, x, y = _log_log(t, c)
     n = len(x)
     if n < cfg.min_points:
         return []
-    # Squared residual of the least-squares line through points i .. j-1, for all i < j: (n+1, n+1).
-    sums = [np.concatenate([[0.0], np.cumsum(v)]) for v in (np.ones(n), x, y, x * x, x * y, y * y)]
-    S1, Sx, Sy, Sxx, Sxy, Syy = (s[None, :] - s[:, None] for s in sums)   # [i, j] = sum over i .. j-1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sxx, sxy, syy = Sxx - Sx ** 2 / S1, Sxy - Sx * Sy / S1, Syy - Sy ** 2 / S1
-        rss = np.clip(syy - sxy ** 2 / sxx, 0, None)
-    i, j = np.indices(rss.shape)
+    i, j = np.indices((n + 1, n + 1))
     span = x[np.clip(j - 1, 0, n - 1)] - x[np.clip(i, 0, n - 1)]
-    rss = np.where((S1 >= cfg.min_points) & (span >= math.log(cfg.min_span) - 1e-12), rss, np.inf)
+    rss = np.where((j - i >= cfg.min_points) & (span >= math.log(cfg.min_span) - 1e-12), _line_rss(x, y, rho), np.inf)
     # Dynamic programming: best[k][j] = least RSS of points 0 .. j-1 cut into k pieces.
     best, cut = [np.where(np.arange(n + 1) == 0, 0.0, np.inf)], []
     for _ in range(cfg.max_segments):
@@ -1074,21 +1204,53 @@ def find_power_law_regimes(t, c, cfg: RegimeConfig = RegimeConfig()) -> list[Pow
         end = start
     pieces = []
     for start, end in reversed(bounds):
-        fit = fit_power_law(t[start:end], np.exp(y[start:end]))
-        xs, ys, ts, m = x[start:end], y[start:end], t[start:end], end - start
-        rss_line = float(rss[start, end])
-        rss_exponential = float(np.sum((ys - np.polyval(np.polyfit(ts / ts[-1], ys, 1), ts / ts[-1])) ** 2))
-        rss_quadratic = float(np.sum((ys - np.polyval(np.polyfit(xs - xs.mean(), ys, 2), xs - xs.mean())) ** 2))
-        curved = scipy.stats.f.sf((rss_line - rss_quadratic) / max(rss_quadratic / (m - 3), 1e-300), 1, m - 3)
+        ts, xs, ys = t[start:end], x[start:end], y[start:end]
+        fit = fit_power_law(ts, np.exp(ys))
+        beta, _, cov = _ar1_least_squares(np.stack([np.ones(len(xs)), xs], 1), ys, rho)
+        fit.exponent_ar1 = float(beta[1])
+        fit.exponent_ar1_ci = float(scipy.stats.t.ppf(0.975, len(xs) - 2) * math.sqrt(max(cov[1, 1], 0.0)))
+        centred = (xs - xs.mean()) / max(xs.std(), 1e-12)
+        fit.curvature_p = _more_terms_p(ts, xs, ys, centred ** 2, rho)
+        fit.exponential_p = _more_terms_p(ts, xs, ys, ts / ts[-1], rho)
         if fit.r2 < cfg.min_r2:
             fit.is_power_law, fit.verdict = False, f"R² {fit.r2:.2f} < {cfg.min_r2}"
-        elif abs(fit.exponent) <= fit.exponent_ci:
-            fit.is_power_law, fit.verdict = False, "flat: the 95% interval of the exponent contains 0"
-        elif rss_exponential < rss_line:
-            fit.is_power_law, fit.verdict = False, "an exponential in t fits better than a power law"
-        elif curved < cfg.curvature_p:
-            fit.is_power_law, fit.verdict = False, f"curved on log-log axes (quadratic term p = {curved:.1g})"
+        elif abs(fit.exponent_ar1) <= fit.exponent_ar1_ci:
+            fit.is_power_law, fit.verdict = False, "flat: the AR(1) 95% interval of the exponent contains 0"
         else:
             fit.verdict = "power law"
         pieces.append(fit)
     return pieces
+
+
+def end_of_development(t, c, pieces: list[PowerLawFit], rho: float = 0.0, cfg: RegimeConfig = RegimeConfig()) -> dict:
+    """§3.2's rule: "at the end of its development (at the end of training or before the correlation
+    function stops changing) the correlation function of a collision detection head evolves as a power
+    law". The end of development is the last piece of find_power_law_regimes in which c still changes
+    (its exponent resolved, and its trend explains R² >= min_r2 of its variance); later pieces are flat
+    or noise. The head follows a power law there iff that piece is a decaying power-law regime and,
+    over the decaying stretch that ends with it (it and the decaying pieces right before it), an
+    exponential in t (log|c| linear in t: Appendix A.1's convergence near a non-degenerate minimum)
+    does not fit significantly better (AR(1) F test at cfg.exponential_p; within one piece of a smooth
+    exponential no test can tell, over the stretch it can). Returns {"piece": the end-of-development
+    PowerLawFit or None, "follows": bool, "why": str, "stretch_exponential_p": float}."""
+    changing = [k for k, p in enumerate(pieces) if p.is_power_law]     # resolved, and R² >= min_r2
+    if not changing:
+        return {"piece": None, "follows": False, "why": "c never changes beyond its fluctuations",
+                "stretch_exponential_p": math.nan}
+    last = changing[-1]
+    piece = pieces[last]
+    if piece.exponent >= 0:
+        return {"piece": piece, "follows": False, "why": f"|c| rises (exponent {piece.exponent:+.2f})",
+                "stretch_exponential_p": math.nan}
+    first = last
+    while first > 0 and pieces[first - 1].exponent_ar1 < -pieces[first - 1].exponent_ar1_ci:
+        first -= 1
+    ts, xs, ys = _log_log(t, c, pieces[first].start, piece.end)
+    p = _more_terms_p(ts, xs, ys, ts / ts[-1], rho)
+    _, rss_power, _ = _ar1_least_squares(np.stack([np.ones(len(xs)), xs], 1), ys, rho)
+    _, rss_exponential, _ = _ar1_least_squares(np.stack([np.ones(len(ts)), ts / ts[-1]], 1), ys, rho)
+    if p < cfg.exponential_p and rss_exponential < rss_power:
+        return {"piece": piece, "follows": False, "stretch_exponential_p": p,
+                "why": f"an exponential decay fits steps {pieces[first].start:.0f}-{piece.end:.0f} better (p = {p:.1g})"}
+    return {"piece": piece, "follows": True, "stretch_exponential_p": p,
+            "why": f"decays as t^{piece.exponent:+.2f} over steps {piece.start:.0f}-{piece.end:.0f} (R² {piece.r2:.2f})"}

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import matplotlib
 matplotlib.use("Agg")
@@ -89,6 +90,12 @@ class Preset:
     llc_checkpoints: int = 32      # LLC at this many checkpoints, log-spaced from 1% of training to its end ...
     llc_heads: int = 8             # ... for up to this many collision heads per run (best first) plus one
                                    #     non-collision head
+    llc_loss: str = "mean"         # L_m of the LLC: "sum" over a state's 4N outputs (Appendix B.1's ℓ) or their
+                                   # "mean" (F.mse_loss): chosen by the traces at Table 1's settings (README)
+
+    def __post_init__(self):
+        physim._require(self.llc_loss in physim.LLC_LOSSES,
+                        f"Preset.llc_loss must be one of {sorted(physim.LLC_LOSSES)}, got {self.llc_loss!r}")
 
 
 FULL = Preset()
@@ -126,7 +133,7 @@ def preset_config(preset: Preset) -> dict:
     return {"sim": asdict(preset.sim), "model": asdict(preset.model), "train": asdict(preset.train),
             "data": asdict(preset.data), "runs": preset.runs, "rollout_states": preset.rollout_states,
             "rollout_steps": preset.rollout_steps, "llc": asdict(preset.llc),
-            "llc_checkpoints": preset.llc_checkpoints, "llc_heads": preset.llc_heads}
+            "llc_checkpoints": preset.llc_checkpoints, "llc_heads": preset.llc_heads, "llc_loss": preset.llc_loss}
 
 
 def preset_from_config(out: str) -> Preset:
@@ -138,7 +145,7 @@ def preset_from_config(out: str) -> Preset:
     return Preset(sim=SimConfig(**c["sim"]), model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
                   data=DataConfig(**c["data"]), runs=c["runs"], rollout_states=c["rollout_states"],
                   rollout_steps=c["rollout_steps"], llc=LLCConfig(**c["llc"]),
-                  llc_checkpoints=c["llc_checkpoints"], llc_heads=c["llc_heads"])
+                  llc_checkpoints=c["llc_checkpoints"], llc_heads=c["llc_heads"], llc_loss=c["llc_loss"])
 
 
 def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> None:
@@ -229,7 +236,7 @@ def llc_chunk_trajectories(preset: Preset) -> int:
     return min(128, max(8, math.ceil(preset.llc.steps * preset.llc.batch_size / preset.sim.n_steps)))
 
 
-def llc_of_heads(model, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None):
+def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None):
     """estimate_llc of each (layer, head), `group` heads batched in one vmap per SGLD step. Where a
     group does not fit in the device's memory it retries with groups half as large. The numbers do
     not depend on the grouping: chain c of every head draws the same noise and data (tested).
@@ -242,7 +249,7 @@ def llc_of_heads(model, data, heads: list, cfg: LLCConfig, group: int, label: st
                 part_label = label
                 if label and group < len(heads):
                     part_label = f"{label}, heads {i + 1}-{i + len(part)}"
-                results += physim.estimate_llc(model, torch.nn.functional.mse_loss, data,
+                results += physim.estimate_llc(model, criterion, data,
                                                [physim.head_parameters(model, l, h) for l, h in part], cfg,
                                                label=part_label)
             return results, group
@@ -261,13 +268,13 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
     fit in the device's memory). One JSON per checkpoint under rdir/llc/ (with
     each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
     <= 500 points for plotting), collected in rdir/llc.csv."""
-    steps, score, _ = read_metrics(rdir)
-    heads = llc_heads(score[-1], preset.llc_heads)
+    m = read_metrics(rdir)
+    heads = llc_heads(m.score[-1], preset.llc_heads)
     llc_dir = os.path.join(rdir, "llc")
     os.makedirs(llc_dir, exist_ok=True)
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
                                     preset.llc.batch_size, device)
-    chosen = llc_steps(steps, preset.llc_checkpoints)
+    chosen = llc_steps(m.steps, preset.llc_checkpoints)
     group = len(heads)
     for i, step in enumerate(chosen):
         path = os.path.join(llc_dir, f"step_{step:07d}.json")
@@ -275,7 +282,7 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
             continue
         model = physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
         t0 = time.time()
-        results, group = llc_of_heads(model, data, heads, preset.llc, group,
+        results, group = llc_of_heads(model, physim.LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, group,
                                       label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})")
         thin = max(1, preset.llc.steps // 500)
         record = {"step": step, "seconds": round(time.time() - t0, 2), "trace_thinning": thin, "heads": [
@@ -299,19 +306,29 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
 # Tables and figures
 # ----------------------------------------------------------------------------------------------------
 
-def read_metrics(rdir: str):
-    """metrics.csv -> steps (T,), collision scores (T, L, H), correlations (T, L, H)."""
+class Metrics(NamedTuple):
+    """One run's metrics.csv: the checkpoint steps (T,) and, each (T, L, H), every head's collision
+    score and correlation c with their bootstrap standard errors."""
+    steps: np.ndarray
+    score: np.ndarray
+    score_se: np.ndarray
+    corr: np.ndarray
+    corr_se: np.ndarray
+
+
+def read_metrics(rdir: str) -> Metrics:
     with open(os.path.join(rdir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     steps = sorted({int(r["step"]) for r in rows})
     L = 1 + max(int(r["layer"]) for r in rows)
     H = 1 + max(int(r["head"]) for r in rows)
-    score, corr = np.zeros((len(steps), L, H)), np.zeros((len(steps), L, H))
+    columns = ("collision_score", "collision_score_se", "correlation", "correlation_se")
+    values = {c: np.zeros((len(steps), L, H)) for c in columns}
     index = {s: i for i, s in enumerate(steps)}
     for r in rows:
-        i, l, h = index[int(r["step"])], int(r["layer"]), int(r["head"])
-        score[i, l, h], corr[i, l, h] = float(r["collision_score"]), float(r["correlation"])
-    return np.array(steps), score, corr
+        for c in columns:
+            values[c][index[int(r["step"])], int(r["layer"]), int(r["head"])] = float(r[c])
+    return Metrics(np.array(steps), *values.values())
 
 
 def finished_runs(out: str, preset: Preset) -> list[int]:
@@ -333,18 +350,19 @@ def write_report(out: str, device: str) -> dict:
     # 16x cheaper to simulate than the whole set): (T+1, N, 4)
     trajectory = physim.simulate_states(preset.sim, 1, seed=987_654_321, device=device)[0]
     final_rows = []
-    for run, (steps, score, corr) in metrics.items():
-        for l in range(score.shape[1]):
-            for h in range(score.shape[2]):
-                final_rows.append({"run": run, "layer": l, "head": h, "collision_score": round(float(score[-1, l, h]), 4),
-                                   "correlation": round(float(corr[-1, l, h]), 4),
-                                   "class": physim.head_class(score[-1, l, h])})
-        plot_correlations(steps, score, corr, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
+    for run, m in metrics.items():
+        for l in range(m.score.shape[1]):
+            for h in range(m.score.shape[2]):
+                final_rows.append({"run": run, "layer": l, "head": h, "collision_score": round(float(m.score[-1, l, h]), 4),
+                                   "collision_score_se": round(float(m.score_se[-1, l, h]), 4),
+                                   "correlation": round(float(m.corr[-1, l, h]), 4),
+                                   "correlation_se": round(float(m.corr_se[-1, l, h]), 4),
+                                   "class": physim.head_class(m.score[-1, l, h])})
+        plot_correlations(m, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
         model = physim.model_from_checkpoint(physim.load_checkpoint(physim.latest_checkpoint(run_dir(out, run))), device)
-        plot_attention(model, score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
-        plot_score_histogram([metrics[run]], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"),
-                             f"run {run}")
-        plot_moving_particle(model, score[-1], preset, trajectory, fig_dir, run)
+        plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
+        plot_score_histogram([m], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"), f"run {run}")
+        plot_moving_particle(model, m.score[-1], preset, trajectory, fig_dir, run)
     physim._write_csv(os.path.join(out, "final_heads.csv"), final_rows)
     plot_score_histogram(list(metrics.values()), preset.train, os.path.join(fig_dir, "collision_scores.png"),
                          f"{len(runs)} run(s)")
@@ -352,8 +370,8 @@ def write_report(out: str, device: str) -> dict:
     plot_energy(out, runs, preset, os.path.join(fig_dir, "energy.png"))
     plot_losses(out, runs, os.path.join(fig_dir, "losses.png"))
     llc_rows = []
-    for run, (steps, score, corr) in metrics.items():
-        llc_rows += [{"run": run, **r} for r in plot_llc(run_dir(out, run), steps, corr, score[-1], preset, fig_dir, run)]
+    for run, m in metrics.items():
+        llc_rows += [{"run": run, **r} for r in plot_llc(run_dir(out, run), m, preset, fig_dir, run)]
     heads = power_law_analysis(metrics, out)
     table5 = [{"run": h["run"], "layer": h["layer"], "head": h["head"], "class": h["class"], **asdict(p)}
               for h in heads if h["class"] != "none" for p in h["pieces"] if p.is_power_law]
@@ -384,7 +402,7 @@ def write_report(out: str, device: str) -> dict:
         "claims": {c["claim"]: c["verdict"] for c in claims},
     }
     add_time(out, "report", time.time() - t0, accumulate=False)
-    write_markdown(out, preset, runs, final_rows, table5, llc_rows, sims, claims, summary)
+    write_markdown(out, preset, runs, final_rows, table5, heads, llc_rows, sims, claims, summary)
     return summary
 
 
@@ -393,30 +411,36 @@ def write_report(out: str, device: str) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 def power_law_analysis(metrics: dict, out: str) -> list[dict]:
-    """Every head's class (§3.1) and the straight pieces of its log|c| vs log t found by
-    physim.find_power_law_regimes, over the checkpoints from 1% of training on (as for the LLC:
-    before that the model is far from any minimum). All pieces, power law or not, go to regimes.csv."""
+    """Every head's class (§3.1), the straight pieces of its log|c| vs log t (physim.find_power_law_regimes)
+    and the verdict at the end of its development (physim.end_of_development), over the checkpoints
+    from 1% of training on (as for the LLC: before that the model is far from any minimum), with the
+    AR(1) coefficient of each run's fluctuations estimated from all of its heads. All pieces, power law
+    or not, go to regimes.csv, with the end-of-development verdict on each head's last piece."""
     heads, rows = [], []
-    for run, (steps, score, corr) in metrics.items():
-        window = steps >= steps[-1] / 100
-        for l in range(score.shape[1]):
-            for h in range(score.shape[2]):
-                pieces = physim.find_power_law_regimes(steps[window], corr[window, l, h])
-                heads.append({"run": run, "layer": l, "head": h, "score": float(score[-1, l, h]),
-                              "class": physim.head_class(score[-1, l, h]), "pieces": pieces,
-                              "t": steps[window], "c": np.abs(corr[window, l, h])})
-                rows += [{"run": run, "layer": l, "head": h, "class": heads[-1]["class"], **asdict(p)} for p in pieces]
+    for run, m in metrics.items():
+        window = m.steps >= m.steps[-1] / 100
+        t = m.steps[window]
+        L, H = m.score.shape[1:]
+        rho = physim.noise_correlation(t, [m.corr[window, l, h] for l in range(L) for h in range(H)])
+        for l in range(L):
+            for h in range(H):
+                c = m.corr[window, l, h]
+                pieces = physim.find_power_law_regimes(t, c, rho)
+                end = physim.end_of_development(t, c, pieces, rho)
+                heads.append({"run": run, "layer": l, "head": h, "score": float(m.score[-1, l, h]),
+                              "class": physim.head_class(m.score[-1, l, h]), "pieces": pieces, "end": end,
+                              "rho": rho, "t": t, "c": np.abs(c), "c_se": m.corr_se[window, l, h]})
+                rows += [{"run": run, "layer": l, "head": h, "class": heads[-1]["class"], "rho": round(rho, 3),
+                          **asdict(p), "end_of_development": p is end["piece"],
+                          "head_follows_power_law": end["follows"] if p is end["piece"] else ""} for p in pieces]
     physim._write_csv(os.path.join(out, "regimes.csv"), rows,
-                      ["run", "layer", "head", "class"] + [f.name for f in fields(physim.PowerLawFit)])
+                      ["run", "layer", "head", "class", "rho"] + [f.name for f in fields(physim.PowerLawFit)]
+                      + ["end_of_development", "head_follows_power_law"])
     return heads
 
 
-def decaying(head: dict) -> bool:
-    """Whether a head's |c(t)| has a power-law regime with a negative exponent, as every row of Table 5."""
-    return any(p.is_power_law and p.exponent < 0 for p in head["pieces"])
-
-
 PLATEAU = 0.25  # free choice: the LLC "plateaus" over a regime if its estimates there stay within 25% of their mean
+STRICT_R2 = 0.8  # free choice: the stricter diagnostic beside the power-law claim (most of Table 5's R² are >= 0.8)
 
 
 def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list[int]) -> list[dict]:
@@ -431,22 +455,25 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
 
     paper_rows = paper_table5()
     paper_heads = len({(r["run"], r["layer"], r["head"]) for r in paper_rows})
-    n_dec = sum(decaying(h) for h in collision)
-    rising = sum(not decaying(h) and any(p.is_power_law for p in h["pieces"]) for h in collision)
-    frac = n_dec / len(collision) if collision else float("nan")
+    follows = [h for h in collision if h["end"]["follows"]]
+    rising = [h for h in collision if h["end"]["piece"] is not None and h["end"]["piece"].exponent >= 0]
+    stricter = [h for h in follows if h["end"]["piece"].r2 >= STRICT_R2 and h["end"]["piece"].curvature_p >= 0.01]
+    frac = len(follows) / len(collision) if collision else float("nan")
     paper_frac = paper_heads / (paper_heads + PAPER_ANOMALOUS_HEADS)
     claim("Collision-detection heads follow power laws (§3.2)",
           "not checkable" if not collision else "supported" if frac >= 0.8 else
           "partly supported" if frac >= 0.5 else "not supported",
-          f"{n_dec} of {len(collision)} collision heads (true or partial) have a power-law regime with a negative "
-          f"exponent ({rising} more only rising ones); supported at >= 80%, partly at >= 50%",
+          f"{len(follows)} of {len(collision)} collision heads (true or partial) decay as a power law at the end of "
+          f"their development (its last changing piece has R² >= {physim.RegimeConfig.min_r2} and no exponential fits "
+          f"its decaying stretch better); {len(rising)} rise there instead. Supported at >= 80%, partly at >= 50%. "
+          f"Stricter, as a diagnostic: {len(stricter)} with R² >= {STRICT_R2} and no significant curvature",
           f"{paper_heads} of {paper_heads + PAPER_ANOMALOUS_HEADS} ({paper_frac:.0%}); 3 more rising, 3 with none")
-    n_other = sum(decaying(h) for h in others)
+    n_other = sum(h["end"]["follows"] for h in others)
     claim("No other head follows a power law (§3.2)",
           "not checkable" if not others else "supported" if n_other == 0 else
           "partly supported" if n_other <= 0.1 * len(others) else "not supported",
-          f"{n_other} of {len(others)} heads without collision detection have a power-law regime with a negative "
-          f"exponent; supported at 0, partly at <= 10%", "0 heads")
+          f"{n_other} of {len(others)} heads without collision detection decay as a power law at the end of their "
+          f"development (the same rule); supported at 0, partly at <= 10%", "0 heads")
     first = [h for h in collision if h["layer"] == 0]
     claim("No collision-detection head in the first block (§3.1, Fig. 5)",
           "supported" if not first else "not supported",
@@ -457,7 +484,7 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
           "supported" if len(mixed) == len(runs) else "partly supported" if mixed else "not supported",
           f"{len(mixed)} of {len(runs)} runs", "5 of 5 runs")
     checked, flat = [], []
-    for h in collision + others:
+    for h in collision:
         estimates = [r for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])
                      and math.isfinite(float(r["llc"]))]
         for p in h["pieces"]:
@@ -471,7 +498,7 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
           "partly supported" if any(flat) else "not supported",
           (f"{sum(flat)} of {len(checked)} regimes with >= 2 LLC estimates inside stay within {PLATEAU:.0%} of "
            f"their mean: " + "; ".join(checked)) if checked else
-          "no power-law regime holds 2 or more healthy LLC estimates", "plateaus in the heads of Figs. 1 and 16-19")
+          "no power-law regime of a collision head holds 2 or more LLC estimates", "plateaus in the heads of Figs. 1 and 16-19")
     gains = {r: max(s["energy_model"]) / s["energy_true"][0] for r, s in sims.items()}
     claim("The trained model is a stable simulator: no unrealistic energy gain over 1000 steps (Appendix D.2, Fig. 7)",
           "supported" if all(g <= 1.1 for g in gains.values()) else
@@ -488,11 +515,11 @@ def plot_score_histogram(metrics, train_cfg: TrainConfig, path: str, runs_label:
     saturate at the 95th percentile of the density, as in the paper."""
     even = set(np.linspace(0, train_cfg.steps, train_cfg.even_checkpoints + 1).round().astype(int).tolist())
     xs, ys = [], []
-    for steps, score, _ in metrics:
-        keep = np.isin(steps, list(even))
-        n_heads = score.shape[1] * score.shape[2]
-        xs.append(np.repeat(steps[keep], n_heads))
-        ys.append(score[keep].reshape(-1))
+    for m in metrics:
+        keep = np.isin(m.steps, list(even))
+        n_heads = m.score.shape[1] * m.score.shape[2]
+        xs.append(np.repeat(m.steps[keep], n_heads))
+        ys.append(m.score[keep].reshape(-1))
     xs, ys = np.concatenate(xs), np.concatenate(ys)
     hist, xe, ye = np.histogram2d(xs, ys, bins=[train_cfg.even_checkpoints + 1, 40],
                                   range=[[-train_cfg.steps / train_cfg.even_checkpoints / 2,
@@ -502,26 +529,33 @@ def plot_score_histogram(metrics, train_cfg: TrainConfig, path: str, runs_label:
     mesh = ax.pcolormesh(xe, ye, hist.T, cmap="magma", vmax=vmax)
     fig.colorbar(mesh, ax=ax, label="number of heads (clipped at 95th percentile)")
     ax.set(xlabel="training step", ylabel="collision detection score",
-           title=f"Collision detection scores of all {metrics[0][1][0].size * len(metrics)} heads of {runs_label} over training")
+           title=f"Collision detection scores of all {metrics[0].score[0].size * len(metrics)} heads of {runs_label} over training")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_correlations(steps, score, corr, path: str, run: int) -> None:
-    """|c(t)| on log-log axes for every head, a panel per block (cf. Fig. 1 top); true
-    collision-detection heads (final score >= 0.8) drawn bold."""
-    L, H = score.shape[1:]
+def band(ax, t, c, se, colour) -> None:
+    """|c(t)| ± its bootstrap standard error as a shaded band on log axes (clipped where it reaches 0)."""
+    low = np.clip(np.abs(c) - se, np.abs(c) / 10, None)
+    ax.fill_between(t, low, np.abs(c) + se, color=colour, alpha=0.25, lw=0)
+
+
+def plot_correlations(m: Metrics, path: str, run: int) -> None:
+    """|c(t)| on log-log axes for every head, a panel per block (cf. Fig. 1 top), with its bootstrap
+    standard error as a band; true collision-detection heads (final score >= 0.8) drawn bold."""
+    L, H = m.score.shape[1:]
     fig, axes = plt.subplots(1, L, figsize=(4 * L, 3.6), sharey=True, squeeze=False)
-    t = steps > 0
+    t = m.steps > 0
     for l, ax in enumerate(axes[0]):
         for h in range(H):
-            final = score[-1, l, h]
-            ax.loglog(steps[t], np.abs(corr[t, l, h]), lw=2.2 if final >= TRUE_HEAD else 0.9,
-                      label=f"head {l}-{h} ({final:.2f})")
+            final = m.score[-1, l, h]
+            line, = ax.loglog(m.steps[t], np.abs(m.corr[t, l, h]), lw=2.2 if final >= TRUE_HEAD else 0.9,
+                              label=f"head {l}-{h} ({final:.2f})")
+            band(ax, m.steps[t], m.corr[t, l, h], m.corr_se[t, l, h], line.get_color())
         ax.set(title=f"run {run}, block {l}", xlabel="training step t")
         ax.legend(fontsize=6, title="head (final score)", title_fontsize=6)
-    axes[0, 0].set_ylabel("|c(t)|, attention-distance correlation")
+    axes[0, 0].set_ylabel("|c(t)| ± standard error")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -558,10 +592,22 @@ def plot_attention(model: physim.ParticleTransformer, final_score: np.ndarray, p
     plt.close(fig)
 
 
-def plot_llc(rdir: str, steps, corr, final_score, preset: Preset, fig_dir: str, run: int) -> list[dict]:
-    """Fig. 1 (top) for every head with LLC estimates: |c(t)| on log-log axes and the LLC (mean over
-    healthy chains ± standard error) on a second axis against the same step; and its SGLD trace plots
-    (loss vs step for every chain, burn-in and L(w0) marked, unhealthy chains in red)."""
+LLC_SMOOTHING = 3  # free choice: B.2's "small, fixed-width sliding window", in LLC checkpoints (centred)
+
+
+def smoothed(values: np.ndarray, width: int = LLC_SMOOTHING) -> np.ndarray:
+    """Mean over a centred sliding window of `width` points (narrower at the ends), non-finite points
+    left out: the LLC curves' smoothing (Appendix B.2)."""
+    half = width // 2
+    windows = [values[max(0, i - half):i + half + 1] for i in range(len(values))]
+    return np.array([w[np.isfinite(w)].mean() if np.isfinite(w).any() else np.nan for w in windows])
+
+
+def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> list[dict]:
+    """Fig. 1 (top) for every head with LLC estimates: |c(t)| ± its standard error on log-log axes, and
+    on a second axis the LLC, each estimate (mean of all chains ± standard error; hollow where a chain
+    is unhealthy) and their smoothed curve (B.2); and its SGLD trace plots (loss vs step for every
+    chain, burn-in and L(w0) marked, unhealthy chains in red)."""
     with open(os.path.join(rdir, "llc.csv")) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -572,17 +618,25 @@ def plot_llc(rdir: str, steps, corr, final_score, preset: Preset, fig_dir: str, 
         with open(os.path.join(rdir, "llc", name)) as f:
             record = json.load(f)
         records[record["step"]] = record
-    t = steps > 0
+    t = m.steps > 0
     for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
         mine = [r for r in rows if (r["layer"], r["head"]) == (l, h)]
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.loglog(steps[t], np.abs(corr[t, l, h]), color="tab:blue", label="|c(t)|")
+        ax.loglog(m.steps[t], np.abs(m.corr[t, l, h]), color="tab:blue", label="|c(t)| ± standard error")
+        band(ax, m.steps[t], m.corr[t, l, h], m.corr_se[t, l, h], "tab:blue")
         ax.set(xlabel="training step t", ylabel="|c(t)|, attention-distance correlation",
-               title=f"run {run}, head {l}-{h} (final collision score {final_score[l, h]:.2f})")
+               title=f"run {run}, head {l}-{h} (final collision score {m.score[-1, l, h]:.2f})")
         ax2 = ax.twinx()
-        ax2.errorbar([r["step"] for r in mine], [float(r["llc"]) for r in mine],
-                     yerr=[float(r["llc_stderr"]) for r in mine], color="tab:green", marker="o", ms=3,
-                     label="LLC (healthy chains)")
+        steps = np.array([r["step"] for r in mine])
+        llc = np.array([float(r["llc"]) for r in mine])
+        flagged = np.array([r["healthy_chains"] < r["chains"] for r in mine])
+        for hollow, name in ((False, "LLC, all chains healthy"), (True, "LLC, some chain unhealthy")):
+            pick = flagged == hollow
+            if pick.any():
+                ax2.errorbar(steps[pick], llc[pick], yerr=[float(r["llc_stderr"]) for r, p in zip(mine, pick) if p],
+                             color="tab:green", marker="o", ms=4, ls="none", mfc="white" if hollow else "tab:green",
+                             label=name)
+        ax2.plot(steps, smoothed(llc), color="tab:green", lw=1.5, label=f"LLC smoothed ({LLC_SMOOTHING}-point window)")
         ax2.set_ylabel("parameter-restricted LLC", color="tab:green")
         fig.legend(loc="upper right", fontsize=7)
         fig.tight_layout()
@@ -774,7 +828,7 @@ def markdown_table(rows: list[dict]) -> str:
                      + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
 
 
-def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5, llc_rows, sims, claims,
+def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5, heads, llc_rows, sims, claims,
                    summary) -> None:
     """REPORT.md: configuration, wall times, head classes, Table 5, the claims, the LLC and the
     simulator, with every figure inline and the paper's numbers beside ours."""
@@ -793,7 +847,20 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
     paper = paper_table5()
     t5 = [{"run": r["run"], "head": f"({r['layer']}, {r['head']})", "class": r["class"],
            "exponent": f"{r['exponent']:+.3f} ± {r['exponent_ci']:.3f}", "log A": round(r["log_constant"], 3),
-           "R²": round(r["r2"], 3), "start step": int(r["start"]), "end step": int(r["end"])} for r in table5]
+           "R²": round(r["r2"], 3), "start step": int(r["start"]), "end step": int(r["end"]),
+           "AR(1) exponent": f"{r['exponent_ar1']:+.3f} ± {r['exponent_ar1_ci']:.3f}",
+           "curvature p": f"{r['curvature_p']:.2g}", "exponential p": f"{r['exponential_p']:.2g}"} for r in table5]
+    ends = []
+    for h in heads:
+        if h["class"] == "none":
+            continue
+        p = h["end"]["piece"]
+        inside = (h["t"] >= p.start) & (h["t"] <= p.end) if p else np.zeros(len(h["t"]), bool)
+        ends.append({"run": h["run"], "head": f"{h['layer']}-{h['head']}", "class": h["class"],
+                     "verdict": "**power law**" if h["end"]["follows"] else "no", "why": h["end"]["why"],
+                     "change of abs(c) there": f"{h['c'][inside][0] - h['c'][inside][-1]:+.3f}" if p else "",
+                     "its error at the end": f"± {h['c_se'][-1]:.3f}"})
+    rhos = {h["run"]: h["rho"] for h in heads}
     decay = [r["exponent"] for r in table5 if r["exponent"] < 0]
     figures = sorted(os.listdir(os.path.join(out, "figures")))
 
@@ -825,10 +892,21 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         "(paper: a cluster near 0.95).\n",
         images("head_classes"), images("collision_scores"),
         "## Power laws of c(t) (Table 5, Fig. 6)\n",
-        "Regimes found automatically by `physim.find_power_law_regimes` (segmented least squares of log|c| "
-        "on log t, BIC, then R² >= 0.7, a non-zero exponent, a power law at least as good as an exponential "
-        "and no significant curvature) on the checkpoints from 1% of training on; every piece, kept or "
-        "rejected with its reason, is in `regimes.csv`.\n",
+        "The paper's rule (§3.2): at the end of its development (at the end of training, or before c stops "
+        "changing) the correlation of a collision head evolves as a power law, a section of log|c| vs log t "
+        "with a good linear fit. `physim.find_power_law_regimes` cuts each head's log|c| vs log t into straight "
+        "pieces (checkpoints from 1% of training on); a piece is a power-law regime if its exponent is resolved "
+        f"and R² >= {physim.RegimeConfig.min_r2} (Table 5 keeps 0.525 and up). c(t) drifts from checkpoint to "
+        "checkpoint, so intervals and tests allow for AR(1) errors, with the coefficient ρ estimated per run "
+        "(" + ", ".join(f"run {r}: ρ = {v:.2f}" for r, v in rhos.items()) + "). `physim.end_of_development` "
+        "takes the last such regime as the end of a head's development, and counts the head as following a "
+        "power law if it decays there and an exponential decay does not fit its decaying stretch significantly "
+        "better. Every piece, with its diagnostics, is in `regimes.csv`.\n",
+        "**Each collision head at the end of its development**, beside the change of |c| over that piece and "
+        "the bootstrap standard error of c at the end of training:\n",
+        markdown_table(ends),
+        "\n**Table 5, ours**: every power-law regime of a collision head (the exponent's ± is the paper's iid "
+        "95% interval; the AR(1) columns and the p values of a curvature and an exponential term are diagnostics):\n",
         markdown_table(t5),
         f"\nOurs: {len(table5)} regimes of collision heads, {len(decay)} with a negative exponent"
         + (f" (from {min(decay):+.3f} to {max(decay):+.3f}, median {np.median(decay):+.3f})" if decay else "")
@@ -837,9 +915,14 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         f"R² {min(r['r2'] for r in paper):.2f}-{max(r['r2'] for r in paper):.2f}.\n",
         images("exponents"), images("power_laws"),
         "## Attention-distance correlation and the LLC (Fig. 1)\n",
+        f"Each LLC is the mean over all {preset.llc.chains} chains ± its standard error, as the paper reports it, "
+        f"with L_m the {'sum over each state’s 4N outputs (Appendix B.1)' if preset.llc_loss == 'sum' else 'mean over each state’s 4N outputs (F.mse_loss)'}. "
+        "The chains' health verdicts are diagnostics beside it: a flagged estimate keeps every chain. The "
+        f"figures draw every estimate and a {LLC_SMOOTHING}-point sliding mean (B.2's smoothing).\n",
         markdown_table([{"run": r["run"], "step": r["step"], "head": f"{r['layer']}-{r['head']}",
                          "LLC": f"{float(r['llc']):.3g} ± {float(r['llc_stderr']):.2g}",
-                         "healthy chains": f"{r['healthy_chains']}/{r['chains']}"} for r in llc_rows]),
+                         "healthy chains": f"{r['healthy_chains']}/{r['chains']}",
+                         "flag": r["unhealthy"] or ""} for r in llc_rows]),
         images("correlation_run"), images("llc_run"), images("llc_traces"),
         "## Attention patterns (Fig. 3, Figs. 13-15)\n",
         images("attention_run"), images("moving_particle"),
@@ -981,9 +1064,10 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     def train_step():
         physim.training_step(model, optimizer, *stream.batch(next(steps) % stream.batches_per_chunk))
     heldout = pool_x[torch.arange(preset.data.heldout_states) % len(pool_x)]
+    resamples = physim.bootstrap_weights(len(heldout), preset.data.bootstrap)
 
     def checkpoint():
-        physim.head_metrics(model, heldout, heldout)
+        physim.head_metrics(model, heldout, heldout, resamples)
         with tempfile.TemporaryDirectory() as tmp:
             physim.save_checkpoint(os.path.join(tmp, "c.pt"), model, optimizer, 0, {}, {"metrics": []})
             physim.save_weights(os.path.join(tmp, "w.pt"), model, 0, {})
@@ -992,8 +1076,9 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
              wall_time(lambda: [train_step() for _ in range(20)], device) / 20 + data_share, train_cfg.steps),
             ("training", f"held-out metrics on {preset.data.heldout_states} states and a checkpoint",
              wall_time(checkpoint, device), len(physim.checkpoint_steps(train_cfg))),
-            ("training", f"simulating the held-out set ({preset.data.heldout_trajectories} trajectories)",
-             simulation(preset.data.heldout_trajectories, sim.n_steps), 1)]
+            ("training", f"simulating the held-out set ({preset.data.heldout_states} trajectories)",
+             math.ceil(preset.data.heldout_states / physim.HELDOUT_CHUNK)
+             * simulation(min(physim.HELDOUT_CHUNK, preset.data.heldout_states), sim.n_steps), 1)]
 
     with torch.no_grad():
         step_b = wall_time(lambda: model(pool_x[:preset.rollout_states]), device, 5)
@@ -1015,7 +1100,7 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
         cfg = LLCConfig(**{**asdict(llc), "steps": n_steps, "burn_in": 0, "chains": chains})
         synchronize(device)
         t0 = time.perf_counter()
-        _, group = llc_of_heads(model, data, heads[:n_heads], cfg, min(group, n_heads))
+        _, group = llc_of_heads(model, physim.LLC_LOSSES[preset.llc_loss], data, heads[:n_heads], cfg, min(group, n_heads))
         synchronize(device)
         return time.perf_counter() - t0
 
