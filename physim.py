@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, fields
 
@@ -299,11 +300,12 @@ def heldout_set(sim: SimConfig, data: DataConfig, device=None):
 
 def bootstrap_weights(n: int, replicates: int, seed: int = 0) -> torch.Tensor:
     """Bootstrap resamples of n items as weights (replicates, n): row k holds how often resample k draws
-    each item (multinomial, n draws with replacement), divided by n. Weighted metrics with row k equal
+    each item (multinomial, n draws with replacement), divided by n, in float64. Weighted metrics with row k equal
     the metrics of resample k (tested); the same seed gives the same resamples at every checkpoint."""
     g = torch.Generator().manual_seed(seed)
     draws = torch.randint(n, (replicates, n), generator=g)                          # (K, n)
-    return torch.zeros(replicates, n).scatter_add_(1, draws, torch.ones(replicates, n)) / n
+    counts = torch.zeros(replicates, n, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones(replicates, n, dtype=torch.float64)) / n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,6 +355,8 @@ class ParticleAttention(nn.Module):
     (s = 0, 1, 2 for q, k, v) of in_proj and columns h·E/H ... (h+1)·E/H of out_proj.
     """
 
+    fused = True   # False sends every call through the explicit attention (reproduce.py bench's baseline)
+
     def __init__(self, embed_dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
@@ -364,10 +368,21 @@ class ParticleAttention(nn.Module):
         nn.init.zeros_(self.in_proj.bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, need_weights: bool = True):
+        """x (B, N, E) -> (output (B, N, E), attention weights (B, H, N, N+1) or None).
+
+        With need_weights the attention is spelled out: softmax over the N other particles and the
+        zero key. Without, the same function runs through the fused F.scaled_dot_product_attention,
+        with the zero key and value appended and the self-pairs masked out (the fast path of training
+        and SGLD; test_fused_attention_equals_the_explicit_one)."""
         B, N, E = x.shape
         H = self.n_heads
         q, k, v = self.in_proj(x).view(B, N, 3, H, E // H).permute(2, 0, 3, 1, 4)  # (B, H, N, E/H) each
+        if self.fused and not need_weights:
+            zero = q.new_zeros(B, H, 1, E // H)                                     # the zero key and value
+            allowed = ~torch.eye(N, N + 1, dtype=torch.bool, device=x.device)       # (N, N+1): not itself
+            out = F.scaled_dot_product_attention(q, torch.cat([k, zero], 2), torch.cat([v, zero], 2), allowed)
+            return self.out_proj(out.transpose(1, 2).reshape(B, N, E)), None
         no_self = torch.zeros(N, N, dtype=x.dtype, device=x.device).fill_diagonal_(float("-inf"))
         logits = q @ k.transpose(-1, -2) / math.sqrt(E // H) + no_self             # (B, H, N, N)
         logits = torch.cat([logits, logits.new_zeros(B, H, N, 1)], -1)              # zero key: q·0 = 0
@@ -386,8 +401,8 @@ class Block(nn.Module):
         self.attn = ParticleAttention(E, cfg.n_heads)
         self.mlp = _mlp(E, cfg.mlp_ratio * E, E, cfg.activation)
 
-    def forward(self, x: torch.Tensor):
-        a, attn = self.attn(self.ln_attn(x))
+    def forward(self, x: torch.Tensor, need_weights: bool = True):
+        a, attn = self.attn(self.ln_attn(x), need_weights)
         x = x + a
         return x + self.mlp(self.ln_mlp(x)), attn
 
@@ -396,7 +411,8 @@ class ParticleTransformer(nn.Module):
     """The model of Appendix C.1 / Fig. 4: state (B, N, 4) -> predicted next state (B, N, 4).
 
     forward(x, return_attention=True) also returns every head's attention weights, (L, B, H, N, N+1),
-    where slot N is the appended zero key. It is the same forward pass that is trained.
+    where slot N is the appended zero key, computed by the explicit attention; without, the fused
+    attention computes the same function (tested equal, with its gradients).
     """
 
     def __init__(self, cfg: ModelConfig, sim: SimConfig):
@@ -432,7 +448,7 @@ class ParticleTransformer(nn.Module):
         h = self.embedding(x)                                                    # (B, N, E)
         attention = []
         for block in self.blocks:
-            h, attn = block(h)
+            h, attn = block(h, need_weights=return_attention)                    # fused without weights
             attention.append(attn)
         a = self.out_scale * self.unembed(self.ln_final(h))                       # (B, N, 2)
         return (a, torch.stack(attention)) if return_attention else a
@@ -474,10 +490,9 @@ def _uniform(weights: torch.Tensor | None, n_states: int, like: torch.Tensor) ->
     return w.to(like.device, like.dtype)
 
 
-def _weighted_mean(w: torch.Tensor, z: torch.Tensor, state_dim: int) -> torch.Tensor:
-    """Σ_s w_ks z_s over the states axis `state_dim` of z: (K, S), z (..., S, ...) -> (K, ..., ...)."""
-    zs = z.movedim(state_dim, 0)                                                 # (S, ...)
-    return (w @ zs.reshape(zs.shape[0], -1)).view(w.shape[0], *zs.shape[1:])
+def _weighted_mean(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Σ_s w_ks z_s over the leading (states) axis of z: (K, S), z (S, ...) -> (K, ...)."""
+    return (w @ z.reshape(z.shape[0], -1)).view(w.shape[0], *z.shape[1:])
 
 
 def collision_detection_score(attn: torch.Tensor, positions: torch.Tensor,
@@ -497,7 +512,7 @@ def collision_detection_score(attn: torch.Tensor, positions: torch.Tensor,
     per_state = (mass * has_near.unsqueeze(-2)).sum(-1)                          # (..., S, H)
     w = _uniform(weights, len(positions), per_state)                             # (K, S)
     queries = w @ has_near.sum(-1).to(w.dtype)                                   # (K,) weighted count
-    score = _weighted_mean(w, per_state, -2) / queries.clamp(min=1e-12).view(-1, *[1] * (per_state.dim() - 1))
+    score = _weighted_mean(w, per_state.movedim(-2, 0)) / queries.clamp(min=1e-12).view(-1, *[1] * (per_state.dim() - 1))
     return score[0] if weights is None else score
 
 
@@ -512,16 +527,14 @@ def attention_distance_correlation(attn: torch.Tensor, positions: torch.Tensor,
     """
     N = positions.shape[-2]
     # float64: far pairs of a sharp head get attention ~1e-30, whose squares underflow float32
-    d = torch.cdist(positions, positions).double().unsqueeze(-3)                 # (S, 1, N, N)
-    a = attn[..., :N].double()                                                   # (..., S, H, N, N)
-    dc, ac = d - d.mean(-4, keepdim=True), a - a.mean(-4, keepdim=True)          # centred: no cancellation below
+    a = attn[..., :N].movedim(-4, 0).to(torch.float64, memory_format=torch.contiguous_format)  # (S, ..., H, N, N)
+    lead = [1] * (a.dim() - 3)                                                   # attn's leading dims, and H
+    d = torch.cdist(positions, positions).double().view(len(positions), *lead, N, N)  # (S, 1.., 1, N, N)
+    dc, ac = d - d.mean(0), a - a.mean(0)                                        # centred: no cancellation below
     w = _uniform(weights, len(positions), a)                                     # (K, S)
-    lead = [1] * (a.dim() - 4)                                                   # d has none of attn's leading dims
-    md = _weighted_mean(w, dc, 0).view(len(w), *lead, 1, N, N)                   # (K, ..., 1, N, N)
-    vd = _weighted_mean(w, dc.pow(2), 0).view(len(w), *lead, 1, N, N) - md.pow(2)
-    ma = _weighted_mean(w, ac, -4)                                               # (K, ..., H, N, N)
-    va = _weighted_mean(w, ac.pow(2), -4) - ma.pow(2)
-    cov = _weighted_mean(w, dc * ac, -4) - md * ma
+    md, ma = _weighted_mean(w, dc), _weighted_mean(w, ac)                        # (K, 1.., 1, N, N), (K, ..., H, N, N)
+    vd, va = _weighted_mean(w, dc.pow(2)) - md.pow(2), _weighted_mean(w, ac.pow(2)) - ma.pow(2)
+    cov = _weighted_mean(w, dc * ac) - md * ma
     corr = cov / (vd * va).sqrt()                                                # nan where a never varies
     corr = corr.masked_fill(torch.eye(N, dtype=torch.bool, device=corr.device), float("nan"))
     c = corr.nanmean((-1, -2))                                                   # (K, ..., H)
@@ -585,24 +598,47 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
 
 class Progress:
-    """One status line with rate and ETA, redrawn at most every `every` seconds (stderr)."""
+    """One status line with rate and ETA, redrawn at most every `every` seconds (stderr; none if label is None)."""
 
-    def __init__(self, label: str, total: int, start: int = 0, every: float = 2.0, stream=sys.stderr):
-        self.label, self.total, self.start, self.every, self.stream = label, total, start, every, stream
+    def __init__(self, label: str | None, total: int, start: int = 0, every: float = 2.0, stream=sys.stderr):
+        self.label, self.total, self.start, self.every = label, total, start, every
+        self.stream = stream if label is not None else None
         self.t0 = self.last = time.time()
 
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
+    def update(self, done: int, note: str = "", force: bool = False, eta: float | None = None) -> None:
+        """Redraw the line; the ETA is `eta` if given (see WorkClock), else from the mean rate so far."""
         now = time.time()
-        if not force and now - self.last < self.every:
+        if self.stream is None or (not force and now - self.last < self.every):
             return
         self.last = now
-        rate = (done - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        if eta is None:
+            rate = (done - self.start) / max(now - self.t0, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
         self.stream.write(f"\r{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%) "
                           f"{_fmt_time(now - self.t0)} elapsed, ETA {_fmt_time(eta)} {note}   ")
         if done >= self.total:
             self.stream.write("\n")
         self.stream.flush()
+
+
+class WorkClock:
+    """Wall time spent on each kind of work (training steps, data chunks, checkpoints), so that an ETA
+    weighs what is left of each kind by its own cost: the early checkpoints are dense and the data
+    arrives in chunks, so a plain rate of steps per second is wrong by orders of magnitude early on."""
+
+    def __init__(self):
+        self.seconds, self.count = {}, {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+        self.count[kind] = self.count.get(kind, 0) + 1
+
+    def eta(self, left: dict) -> float:
+        """Seconds for `left` = {kind: units still to do} at the mean cost per unit so far (nan if a
+        kind still to do has not been timed yet)."""
+        if any(n > 0 and kind not in self.count for kind, n in left.items()):
+            return float("nan")
+        return sum(n * self.seconds[kind] / self.count[kind] for kind, n in left.items() if n > 0)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -704,7 +740,7 @@ def _compiled(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
-          data_cfg: DataConfig, device="cpu", stop_at: int | None = None, label: str = "train",
+          data_cfg: DataConfig, device="cpu", stop_at: int | None = None, label: str | None = "train",
           keep_weights=None, compile_model: bool = False):
     """Train one run (Table 2) into run_dir, resuming from its latest checkpoint.
 
@@ -716,7 +752,8 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     half precision, under run_dir/weights/. `stop_at` (a checkpoint step) ends the call after the
     checkpoint at that step, e.g. to split a run over time-limited jobs; a later call resumes.
     `compile_model` trains a torch.compile'd model, falling back to eager where compiling fails.
-    Returns the model.
+    The checkpoint's history also records the seconds spent on training steps, data chunks and
+    checkpoints ("work_seconds"; up to the previous checkpoint). Returns the model.
     """
     configs = {"sim": asdict(sim), "model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -743,12 +780,14 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     stream = TrainingStream(sim, data_cfg, train_cfg.batch_size, train_cfg.seed, device)
     heldout_x, heldout_y = heldout_set(sim, data_cfg, device)
     resamples = bootstrap_weights(data_cfg.heldout_states, data_cfg.bootstrap)    # (K, S), the same every checkpoint
-    progress = Progress(label, train_cfg.steps, start)
+    progress, clock = Progress(label, train_cfg.steps, start), WorkClock()
+    spent = dict(history.get("work_seconds", {}))                # seconds per kind of work before this call
     loss_sum, loss_count = torch.zeros((), device=device), 0
     model.train()
     forward = None                               # the module that computes the training loss, set on step 1
     for step in range(start, train_cfg.steps + 1):
         if step == schedule[0] and not (resume and step == start):
+            started = time.perf_counter()
             schedule.pop(0)
             metrics = head_metrics(model, heldout_x, heldout_y, resamples)
             table = {k: v.tolist() for k, v in metrics.items() if k != "heldout_loss"}   # one copy to the host
@@ -758,6 +797,7 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
             history["losses"].append({"step": step, "train_loss": float(loss_sum) / max(loss_count, 1)
                                       if loss_count else float("nan"), "heldout_loss": metrics["heldout_loss"]})
             loss_sum, loss_count = torch.zeros((), device=device), 0
+            history["work_seconds"] = {k: spent.get(k, 0.0) + clock.seconds.get(k, 0.0) for k in {*spent, *clock.seconds}}
             save_checkpoint(checkpoint_path(run_dir, step), model, optimizer, step, configs, history)
             for name in os.listdir(os.path.join(run_dir, "checkpoints")):         # keep the latest only
                 if os.path.join(run_dir, "checkpoints", name) != checkpoint_path(run_dir, step):
@@ -766,17 +806,25 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
                 save_weights(weights_path(run_dir, step), model, step, configs)
             _write_csv(os.path.join(run_dir, "metrics.csv"), history["metrics"])
             _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
+            clock.add("checkpoint", time.perf_counter() - started)
             progress.update(step, f"held-out loss {metrics['heldout_loss']:.3g}, best collision score "
                                   f"{max(max(row) for row in table['collision_score']):.2f}", force=step == train_cfg.steps)
         elif step == schedule[0]:
             schedule.pop(0)                     # the checkpoint we resumed from
         if step == train_cfg.steps or step == stop_at:
             break
+        started = time.perf_counter()
         x, y = stream.batch(step)
+        if step % stream.batches_per_chunk == 0:                          # this batch simulated a new chunk
+            clock.add("data chunk", time.perf_counter() - started)
+            started = time.perf_counter()
         if forward is None:
             forward = _compiled(model, x) if compile_model else model
         loss_sum, loss_count = loss_sum + training_step(forward, optimizer, x, y), loss_count + 1
-        progress.update(step + 1)
+        clock.add("step", time.perf_counter() - started)
+        left = train_cfg.steps - step - 1
+        progress.update(step + 1, eta=clock.eta({"step": left, "checkpoint": len(schedule),
+                                                 "data chunk": -(-left // stream.batches_per_chunk)}))
     return model.eval()
 
 
@@ -1000,23 +1048,24 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     dtype = next(iter(w0.values())).dtype
     traces = torch.zeros(K * C, T, device=device, dtype=dtype)
     w0_losses = torch.zeros(C, T, device=device, dtype=dtype)
-    progress = Progress(label, T) if label else None
-    for t in range(T):
-        batch = [next(s) for s in streams]
-        x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
-        y = torch.stack([b[1] for b in batch]).to(device)
-        xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
-        grads, loss = sgld_step(delta, masks, xk, yk)
-        traces[:, t] = loss.detach()
-        with torch.no_grad():
-            w0_losses[:, t] = init_losses(x, y)
-        with torch.no_grad():
-            for n in names:                                                   # eq. (5)
-                noise = torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
-                                     for g in generators[n]]).repeat(K, *[1] * w0[n].dim())
-                step = -eps / 2 * (gamma * delta[n] + nbeta * grads[n]) + math.sqrt(eps) * noise
-                delta[n] = torch.where(masks[n], delta[n] + step, torch.zeros_like(step))
-        if progress:
+    progress = Progress(label, T)
+    with warnings.catch_warnings():   # on the CPU vmap runs the fused attention once per chain (no batching
+        warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")  # rule): still faster
+        for t in range(T):
+            batch = [next(s) for s in streams]
+            x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
+            y = torch.stack([b[1] for b in batch]).to(device)
+            xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
+            grads, loss = sgld_step(delta, masks, xk, yk)
+            traces[:, t] = loss.detach()
+            with torch.no_grad():
+                w0_losses[:, t] = init_losses(x, y)
+            with torch.no_grad():
+                for n in names:                                                   # eq. (5)
+                    noise = torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
+                                         for g in generators[n]]).repeat(K, *[1] * w0[n].dim())
+                    step = -eps / 2 * (gamma * delta[n] + nbeta * grads[n]) + math.sqrt(eps) * noise
+                    delta[n] = torch.where(masks[n], delta[n] + step, torch.zeros_like(step))
             progress.update(t + 1)
 
     traces, w0_losses = traces.cpu().view(K, C, T), w0_losses.cpu()         # (K, C, T), (C, T)

@@ -349,7 +349,7 @@ def write_report(out: str, device: str) -> dict:
     # One unseen trajectory for the attention figures (the seed of the held-out set; a single one is
     # 16x cheaper to simulate than the whole set): (T+1, N, 4)
     trajectory = physim.simulate_states(preset.sim, 1, seed=987_654_321, device=device)[0]
-    final_rows = []
+    final_rows, work = [], {}
     for run, m in metrics.items():
         for l in range(m.score.shape[1]):
             for h in range(m.score.shape[2]):
@@ -359,7 +359,9 @@ def write_report(out: str, device: str) -> dict:
                                    "correlation_se": round(float(m.corr_se[-1, l, h]), 4),
                                    "class": physim.head_class(m.score[-1, l, h])})
         plot_correlations(m, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
-        model = physim.model_from_checkpoint(physim.load_checkpoint(physim.latest_checkpoint(run_dir(out, run))), device)
+        latest = physim.load_checkpoint(physim.latest_checkpoint(run_dir(out, run)))
+        work[run] = {k: round(v, 1) for k, v in latest["history"].get("work_seconds", {}).items()}
+        model = physim.model_from_checkpoint(latest, device)
         plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
         plot_score_histogram([m], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"), f"run {run}")
         plot_moving_particle(model, m.score[-1], preset, trajectory, fig_dir, run)
@@ -389,6 +391,7 @@ def write_report(out: str, device: str) -> dict:
     finals = np.array([r["collision_score"] for r in final_rows])
     summary = {
         "runs": runs,
+        "training_seconds_by_work": work,
         "true_collision_heads": int((finals >= TRUE_HEAD).sum()),
         "partial_collision_heads": int(((finals >= physim.PARTIAL_HEAD_SCORE) & (finals < TRUE_HEAD)).sum()),
         "heads": int(finals.size),
@@ -877,7 +880,11 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         markdown_table(config_rows),
         "## Wall times\n",
         markdown_table([{"stage": k, "seconds": v} for k, v in timings.items()])
-        + f"\nTotal: {sum(timings.values()) / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads.\n",
+        + f"\nTotal: {sum(timings.values()) / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        + "Training time by kind of work (to the last checkpoint): " + "; ".join(
+            f"run {run}: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(w.items()))
+            + (f" (checkpoints: {w['checkpoint'] / (w.get('step', 0) + w.get('data chunk', 0)):.0%} of the training work)"
+               if w.get("step") else "") for run, w in summary["training_seconds_by_work"].items()) + ".\n",
         "## The paper's claims, checked\n",
         markdown_table([{"claim": c["claim"], "verdict": f"**{c['verdict']}**", "ours": c["ours"], "paper": c["paper"]}
                         for c in claims]),
@@ -968,10 +975,10 @@ class MHABaseline(torch.nn.Module):
         super().__init__()
         self.mha = torch.nn.MultiheadAttention(embed_dim, n_heads, add_zero_attn=True, batch_first=True)
 
-    def forward(self, x):
+    def forward(self, x, need_weights: bool = False):
         N = x.shape[1]
         self_mask = torch.eye(N, dtype=torch.bool, device=x.device)
-        return self.mha(x, x, x, attn_mask=self_mask, need_weights=False)
+        return self.mha(x, x, x, attn_mask=self_mask, need_weights=need_weights, average_attn_weights=False)
 
 
 def bench(device: str, out: str) -> list[dict]:
@@ -979,19 +986,24 @@ def bench(device: str, out: str) -> list[dict]:
     - the simulator: 16 trajectories in one batched call vs one trajectory at a time (Table 3, 256 steps);
     - a training step (forward, backward, Adam) of the paper's model at batch 64: ours vs the same
       model built on eager nn.MultiheadAttention;
+    - a training step of the scaled preset: the fused attention vs the explicit one, same model;
+    - the whole training loop of the scaled preset, data and checkpoints included (2000 steps with
+      the preset's checkpoint density and its held-out set): fused vs explicit attention;
     - estimate_llc on the scaled-down model restricted to one head: 8 chains batched in one vmap vs
-      the same 8 chains one after another, at the scaled-down run's minibatch (m = 8) and Table 1's
-      (m = 256).
+      the same 8 chains one after another, at m = 8 and Table 1's m = 256.
     Writes out/bench.csv and returns its rows."""
     rows = []
+
+    def row(benchmark: str, baseline: str, ours: str, units: float, t_base: float, t_ours: float) -> None:
+        rows.append({"benchmark": benchmark, "baseline": baseline, "ours": ours,
+                     "baseline steps/s": round(units / t_base, 2), "ours steps/s": round(units / t_ours, 2),
+                     "speedup": round(t_base / t_ours, 2), "device": device, "threads": torch.get_num_threads()})
+
     sim = SCALED.sim
     p, v = physim.random_initial_state(sim, 16, torch.Generator().manual_seed(0), device)
-    t_loop = wall_time(lambda: [physim.simulate(p[i:i + 1], v[i:i + 1], sim, 256) for i in range(16)], device, 1)
-    t_batch = wall_time(lambda: physim.simulate(p, v, sim, 256), device, 1)
-    rows.append({"benchmark": "simulator, 16 trajectories x 256 steps", "baseline": "one trajectory at a time",
-                 "ours": "all 16 batched", "baseline steps/s": round(16 * 256 / t_loop, 1),
-                 "ours steps/s": round(16 * 256 / t_batch, 1), "speedup": round(t_loop / t_batch, 2),
-                 "device": device, "threads": torch.get_num_threads()})
+    row("simulator, 16 trajectories x 256 steps", "one trajectory at a time", "all 16 batched", 16 * 256,
+        wall_time(lambda: [physim.simulate(p[i:i + 1], v[i:i + 1], sim, 256) for i in range(16)], device, 1),
+        wall_time(lambda: physim.simulate(p, v, sim, 256), device, 1))
 
     torch.manual_seed(0)
     ours = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
@@ -1006,15 +1018,43 @@ def bench(device: str, out: str) -> list[dict]:
     with torch.no_grad():
         physim._require(torch.allclose(ours(x), baseline(x), atol=1e-4), "bench: the baseline model differs from ours")
     opt_ours, opt_base = torch.optim.Adam(ours.parameters()), torch.optim.Adam(baseline.parameters())
-    t_base = wall_time(lambda: physim.training_step(baseline, opt_base, x, y), device, 5)
-    t_ours = wall_time(lambda: physim.training_step(ours, opt_ours, x, y), device, 5)
-    rows.append({"benchmark": f"training step, paper's model, batch {FULL.train.batch_size}",
-                 "baseline": "eager nn.MultiheadAttention", "ours": "ParticleAttention",
-                 "baseline steps/s": round(1 / t_base, 2), "ours steps/s": round(1 / t_ours, 2),
-                 "speedup": round(t_base / t_ours, 2), "device": device, "threads": torch.get_num_threads()})
+    row(f"training step, paper's model, batch {FULL.train.batch_size}", "eager nn.MultiheadAttention",
+        "ParticleAttention (fused)", 1, wall_time(lambda: physim.training_step(baseline, opt_base, x, y), device, 5),
+        wall_time(lambda: physim.training_step(ours, opt_ours, x, y), device, 5))
 
     torch.manual_seed(0)
     model = physim.ParticleTransformer(SCALED.model, SCALED.sim).to(device)
+    stream = physim.TrainingStream(SCALED.sim, DataConfig(chunk_trajectories=4), SCALED.train.batch_size, 0, device)
+    x, y = stream.batch(0)
+    optimizers = {fused: torch.optim.Adam(model.parameters(), lr=SCALED.train.lr) for fused in (False, True)}
+
+    def scaled_step(fused: bool) -> float:
+        physim.ParticleAttention.fused = fused
+        try:
+            return wall_time(lambda: physim.training_step(model, optimizers[fused], x, y), device, 30)
+        finally:
+            physim.ParticleAttention.fused = True
+    row(f"training step, scaled preset, batch {SCALED.train.batch_size}", "explicit attention", "fused attention",
+        1, scaled_step(False), scaled_step(True))
+
+    steps = min(2000, SCALED.train.steps)
+    loop = TrainConfig(**{**asdict(SCALED.train), "steps": steps,
+                          "even_checkpoints": max(1, round(steps * SCALED.train.even_checkpoints / SCALED.train.steps))})
+
+    def scaled_loop(fused: bool) -> float:
+        physim.ParticleAttention.fused = fused
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                synchronize(device)
+                t0 = time.perf_counter()
+                physim.train(tmp, SCALED.sim, SCALED.model, loop, SCALED.data, device, label=None)
+                synchronize(device)
+                return time.perf_counter() - t0
+        finally:
+            physim.ParticleAttention.fused = True
+    row(f"training loop, scaled preset, {loop.steps} steps with data and {len(physim.checkpoint_steps(loop))} "
+        "checkpoints", "explicit attention", "fused attention", loop.steps, scaled_loop(False), scaled_loop(True))
+
     head = physim.head_parameters(model, 1, 0)
     mse = torch.nn.functional.mse_loss
     states = physim.simulate_states(SCALED.sim, 4, seed=0, device=device)          # (4, T+1, N, 4)
@@ -1023,13 +1063,9 @@ def bench(device: str, out: str) -> list[dict]:
         cfg = LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8)
         alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
         data = physim.dataset_batches(x, y, m)
-        t_loop = wall_time(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone], device, 1)
-        t_batch = wall_time(lambda: physim.estimate_llc(model, mse, data, head, cfg), device, 1)
-        chain_steps = cfg.chains * cfg.steps
-        rows.append({"benchmark": f"SGLD on one head, 8 chains, m={m}", "baseline": "chains in a Python loop",
-                     "ours": "chains batched by vmap", "baseline steps/s": round(chain_steps / t_loop, 1),
-                     "ours steps/s": round(chain_steps / t_batch, 1), "speedup": round(t_loop / t_batch, 2),
-                     "device": device, "threads": torch.get_num_threads()})
+        row(f"SGLD on one head, 8 chains, m={m}", "chains in a Python loop", "chains batched by vmap",
+            cfg.chains * cfg.steps, wall_time(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone], device, 1),
+            wall_time(lambda: physim.estimate_llc(model, mse, data, head, cfg), device, 1))
     os.makedirs(out, exist_ok=True)
     physim._write_csv(os.path.join(out, "bench.csv"), rows)
     return rows

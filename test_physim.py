@@ -338,6 +338,28 @@ def test_training_stream_is_a_pure_function_of_seed_and_step(float64):
     assert not torch.equal(other_seed.batch(0)[0], in_order[0][0])
 
 
+def test_heldout_states_are_independent_pairs_over_the_data(float64):
+    # Proves the metric states are one state per held-out trajectory (no two from one trajectory: their
+    # initial conditions differ), at times spread over the trajectory, each with its true successor,
+    # and that the set is fixed: the same call gives the same states.
+    sim = P.SimConfig(n_particles=4, n_steps=40, box_width=5.0, box_height=5.0)
+    data = P.DataConfig(heldout_states=40)
+    x, y = P.heldout_set(sim, data)
+    assert x.shape == y.shape == (40, 4, 4)
+    ps, vs = P.simulate(x[..., :2], x[..., 2:], sim, n_steps=1)
+    torch.testing.assert_close(torch.cat([ps[:, 1], vs[:, 1]], -1), y, rtol=0, atol=1e-12)
+    x2, _ = P.heldout_set(sim, data)
+    assert torch.equal(x, x2)
+    # every state is a time step of its own trajectory: replay the 40 trajectories and find each state
+    g = torch.Generator().manual_seed(P.HELDOUT_SEED)
+    times = torch.randint(sim.n_steps, (40,), generator=g)
+    trajectories = torch.cat([P.simulate_states(sim, 32, P.HELDOUT_SEED, n_steps=sim.n_steps),
+                              P.simulate_states(sim, 8, P.HELDOUT_SEED + 32, n_steps=sim.n_steps)])
+    torch.testing.assert_close(x, trajectories[torch.arange(40), times], rtol=0, atol=1e-12)
+    assert len(torch.unique(trajectories[:, 0].flatten(1), dim=0)) == 40           # 40 distinct trajectories
+    assert times.float().std() > sim.n_steps / 5                                   # spread over time
+
+
 def test_training_pairs_are_consecutive_simulator_states(float64):
     # Proves y is one simulator step from x (not some other time offset or trajectory).
     stream = P.TrainingStream(STREAM_SIM, STREAM_DATA, batch_size=4, seed=3)
@@ -456,6 +478,38 @@ def test_attention_equals_pytorch_multihead_attention():
     out, attn = ours(x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(attn, expected_attn)                                # (B, H, N, N+1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fused_attention_equals_the_explicit_one(dtype, device):
+    # Proves the fast path (F.scaled_dot_product_attention with the zero key/value appended and the
+    # self-pairs masked) is the explicit attention: the same outputs and the same gradients of every
+    # parameter and of the input, to float tolerance, for one block and for the whole model.
+    torch.manual_seed(0)
+    attn = P.ParticleAttention(16, 4).to(device, dtype)
+    x = torch.randn(3, 7, 16, device=device, dtype=dtype, requires_grad=True)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    outputs, grads = [], []
+    for need_weights in (True, False):
+        out, weights = attn(x, need_weights)
+        assert (weights is None) == (not need_weights)
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), [x, *attn.parameters()]))
+    torch.testing.assert_close(outputs[1], outputs[0], **tol)
+    for fused, explicit in zip(grads[1], grads[0]):
+        torch.testing.assert_close(fused, explicit, **tol)
+
+    model, state = _tiny_model_and_state(n_particles=6, batch=2)
+    model = model.to(device, dtype)
+    state = state.to(device, dtype)
+    explicit_out = model(state, return_attention=True)[0]
+    fused_out = model(state)
+    torch.testing.assert_close(fused_out, explicit_out, **tol)
+    g_explicit = torch.autograd.grad(explicit_out.pow(2).sum(), list(model.parameters()))
+    g_fused = torch.autograd.grad(fused_out.pow(2).sum(), list(model.parameters()))
+    for a, b in zip(g_fused, g_explicit):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_attention_is_initialised_as_pytorch_multihead_attention():
@@ -595,6 +649,26 @@ def test_correlation_is_per_pair_then_averaged():
     pooled = np.corrcoef(dist[:, off_diagonal].flatten().numpy(), alpha[:, off_diagonal].flatten().numpy())[0, 1]
     assert pooled < 0                                                 # the two definitions differ here
     assert float(P.attention_distance_correlation(attn, positions)) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_bootstrap_weights_give_the_metrics_of_resampled_states():
+    # Proves the bootstrap errors' resamples: with weights row k of bootstrap_weights, both metrics equal
+    # the plain metrics recomputed on the states drawn by resample k (duplicates included), and the
+    # rows are multinomial counts over n (each sums to 1, entries are multiples of 1/n).
+    attn, positions = _random_metric_inputs(S=12)
+    weights = P.bootstrap_weights(12, 5, seed=3)                                    # (K, S)
+    assert torch.allclose(weights.sum(1), torch.ones(5, dtype=torch.float64))
+    counts = (weights * 12).round().long()
+    assert torch.allclose(counts.double() / 12, weights)
+    score = P.collision_detection_score(attn, positions, weights=weights)          # (K, L, H)
+    corr = P.attention_distance_correlation(attn, positions, weights=weights)
+    for k in range(5):
+        drawn = torch.arange(12).repeat_interleave(counts[k])                      # the resampled states
+        torch.testing.assert_close(score[k], P.collision_detection_score(attn[:, drawn], positions[drawn]),
+                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(corr[k], P.attention_distance_correlation(attn[:, drawn], positions[drawn]),
+                                   rtol=0, atol=1e-12)
+    assert not torch.allclose(corr[0], corr[1])
 
 
 def test_correlation_of_a_sharp_head_needs_float64():
@@ -1407,7 +1481,7 @@ def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(R, "FULL", R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS))
     assert R.main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
     bench = read_csv(tmp_path / "bench.csv")
-    assert len(bench) == 4
+    assert len(bench) == 6 and physim_fused_is_restored()
     for r in bench:                       # the speedup is the ratio of the two rates measured (rounded)
         ratio = float(r["ours steps/s"]) / float(r["baseline steps/s"])
         assert float(r["speedup"]) == pytest.approx(ratio, rel=0.02, abs=0.01), r
@@ -1447,6 +1521,23 @@ def test_power_law_analysis_classes_heads_by_final_score_and_fits_their_curves(t
     assert len(rows) == sum(len(h["pieces"]) for h in heads)
     assert {(r["layer"], r["head"], r["class"]) for r in rows} == {("0", "0", "partial"), ("0", "1", "none"),
                                                                   ("1", "0", "true"), ("1", "1", "none")}
+
+
+def physim_fused_is_restored() -> bool:
+    return P.ParticleAttention.fused is True
+
+
+def test_eta_weighs_each_kind_of_work_by_its_own_cost():
+    # Proves the training ETA counts what is left of each kind of work at that kind's measured cost:
+    # 10 steps of 0.1 s and 1 checkpoint of 3 s done leave 90 steps and 4 checkpoints: 9 + 12 = 21 s
+    # (a plain rate of 11 units in 4 s would say 94 units x 0.36 s = 34 s); a kind never timed is unknown.
+    clock = P.WorkClock()
+    for _ in range(10):
+        clock.add("step", 0.1)
+    clock.add("checkpoint", 3.0)
+    assert clock.eta({"step": 90, "checkpoint": 4}) == pytest.approx(21.0)
+    assert clock.eta({"step": 0, "checkpoint": 0}) == 0.0
+    assert math.isnan(clock.eta({"step": 1, "data chunk": 2}))
 
 
 def _head(run, layer, head, cls, *exponents):
