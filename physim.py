@@ -527,14 +527,16 @@ def attention_distance_correlation(attn: torch.Tensor, positions: torch.Tensor,
     """
     N = positions.shape[-2]
     # float64: far pairs of a sharp head get attention ~1e-30, whose squares underflow float32
-    a = attn[..., :N].movedim(-4, 0).to(torch.float64, memory_format=torch.contiguous_format)  # (S, ..., H, N, N)
-    lead = [1] * (a.dim() - 3)                                                   # attn's leading dims, and H
+    a = attn[..., :N].movedim(-4, 0)                                             # (S, ..., H, N, N), a view
+    ac = torch.empty(a.shape, dtype=torch.float64, device=a.device).copy_(a)    # our own contiguous copy ...
+    ac -= ac.mean(0)                                                             # ... centred: no cancellation below
+    lead = [1] * (ac.dim() - 3)                                                  # attn's leading dims, and H
     d = torch.cdist(positions, positions).double().view(len(positions), *lead, N, N)  # (S, 1.., 1, N, N)
-    dc, ac = d - d.mean(0), a - a.mean(0)                                        # centred: no cancellation below
-    w = _uniform(weights, len(positions), a)                                     # (K, S)
+    dc = d - d.mean(0)
+    w = _uniform(weights, len(positions), ac)                                    # (K, S)
     md, ma = _weighted_mean(w, dc), _weighted_mean(w, ac)                        # (K, 1.., 1, N, N), (K, ..., H, N, N)
-    vd, va = _weighted_mean(w, dc.pow(2)) - md.pow(2), _weighted_mean(w, ac.pow(2)) - ma.pow(2)
     cov = _weighted_mean(w, dc * ac) - md * ma
+    vd, va = _weighted_mean(w, dc.pow(2)) - md.pow(2), _weighted_mean(w, ac.square_()) - ma.pow(2)  # (ac is spent)
     corr = cov / (vd * va).sqrt()                                                # nan where a never varies
     corr = corr.masked_fill(torch.eye(N, dtype=torch.bool, device=corr.device), float("nan"))
     c = corr.nanmean((-1, -2))                                                   # (K, ..., H)

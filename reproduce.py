@@ -726,19 +726,24 @@ def plot_head_classes(final_rows: list[dict], runs: list[int], model: ModelConfi
 
 
 def plot_power_laws(heads: list[dict], path: str) -> None:
-    """|c(t)| of every collision head of a run with the pieces found by find_power_law_regimes:
-    power-law regimes as solid red lines (labelled with their exponent), other pieces dotted grey."""
+    """|c(t)| ± its standard error for every collision head of a run, with the pieces found by
+    find_power_law_regimes: power-law regimes as solid red lines (labelled with their exponent), the
+    end of development drawn thicker, other pieces dotted grey; the title gives the head's verdict."""
     heads = [h for h in heads if h["class"] != "none"] or sorted(heads, key=lambda h: -h["score"])[:1]
     cols = min(len(heads), 4)
     fig, axes = plt.subplots(math.ceil(len(heads) / cols), cols, figsize=(3.8 * cols, 3 * math.ceil(len(heads) / cols)),
                              squeeze=False)
     for ax, h in zip(axes.flat, heads):
-        ax.set_title(f"run {h['run']}, head {h['layer']}-{h['head']} ({h['class']}, score {h['score']:.2f})", fontsize=8)
+        verdict = "power law at the end" if h["end"]["follows"] else "no power law at the end"
+        ax.set_title(f"run {h['run']}, head {h['layer']}-{h['head']} ({h['class']}, {h['score']:.2f}): {verdict}",
+                     fontsize=7)
         ax.loglog(h["t"], h["c"], color="tab:blue", lw=0.9)
+        band(ax, h["t"], h["c"], h["c_se"], "tab:blue")
         for p in h["pieces"]:
             t = np.geomspace(p.start, p.end, 20)
             ax.loglog(t, np.exp(p.log_constant) * t ** p.exponent, color="tab:red" if p.is_power_law else "0.5",
-                      lw=2 if p.is_power_law else 1, ls="-" if p.is_power_law else ":",
+                      lw=(3 if p is h["end"]["piece"] else 1.5) if p.is_power_law else 1,
+                      ls="-" if p.is_power_law else ":",
                       label=f"{p.exponent:+.2f} ± {p.exponent_ci:.2f}" if p.is_power_law else None)
         ax.set_xlabel("training step t", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -746,7 +751,8 @@ def plot_power_laws(heads: list[dict], path: str) -> None:
             ax.legend(fontsize=6, title="power law exponent", title_fontsize=6)
     for ax in list(axes.flat)[len(heads):]:
         ax.axis("off")
-    fig.suptitle("|c(t)| and the pieces of find_power_law_regimes (red: power-law regimes; dotted: rejected)", fontsize=9)
+    fig.suptitle("|c(t)| ± standard error and the pieces of find_power_law_regimes (red: power-law regimes, thick: "
+                 "the end of development; dotted: not a power law)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -607,8 +607,10 @@ def test_metrics_agree_with_loop_references():
     assert np.abs(expected_score - reference_collision_score(a, pos, skip_isolated=False)).min() > 1e-3
     assert np.allclose(P.collision_detection_score(attn, positions).numpy(), expected_score,
                        rtol=0, atol=1e-12)
+    before = attn.clone()
     assert np.allclose(P.attention_distance_correlation(attn, positions).numpy(),
                        reference_correlation(a, pos), rtol=0, atol=1e-12)
+    assert torch.equal(attn, before)                                   # the input is left as it was
 
 
 def test_collision_score_extremes():
