@@ -992,7 +992,8 @@ def bench(device: str, out: str) -> list[dict]:
     - the simulator: 16 trajectories in one batched call vs one trajectory at a time (Table 3, 256 steps);
     - a training step (forward, backward, Adam) of the paper's model at batch 64: ours vs the same
       model built on eager nn.MultiheadAttention;
-    - a training step of the scaled preset: the fused attention vs the explicit one, same model;
+    - a training step of the scaled preset: the fused attention vs the explicit one, same model; and
+      torch.compile vs eager (the compile time in the row's name);
     - the whole training loop of the scaled preset, data and checkpoints included (2000 steps with
       the preset's checkpoint density and its held-out set): fused vs explicit attention;
     - estimate_llc on the scaled-down model restricted to one head: 8 chains batched in one vmap vs
@@ -1042,6 +1043,12 @@ def bench(device: str, out: str) -> list[dict]:
             physim.ParticleAttention.fused = True
     row(f"training step, scaled preset, batch {SCALED.train.batch_size}", "explicit attention", "fused attention",
         1, scaled_step(False), scaled_step(True))
+    t0 = time.perf_counter()
+    compiled = physim._compiled(model, x)                    # falls back to the eager model where compiling fails
+    compile_seconds = time.perf_counter() - t0
+    row(f"training step, scaled preset, batch {SCALED.train.batch_size} (compiling took {compile_seconds:.0f} s)",
+        "eager", "torch.compile", 1, wall_time(lambda: physim.training_step(model, optimizers[True], x, y), device, 30),
+        wall_time(lambda: physim.training_step(compiled, optimizers[True], x, y), device, 30))
 
     steps = min(2000, SCALED.train.steps)
     loop = TrainConfig(**{**asdict(SCALED.train), "steps": steps,
