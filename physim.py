@@ -784,6 +784,10 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     resamples = bootstrap_weights(data_cfg.heldout_states, data_cfg.bootstrap)    # (K, S), the same every checkpoint
     progress, clock = Progress(label, train_cfg.steps, start), WorkClock()
     spent = dict(history.get("work_seconds", {}))                # seconds per kind of work before this call
+
+    def eta(done: int) -> float:                                 # seconds left, each kind of work at its own cost
+        left = train_cfg.steps - done
+        return clock.eta({"step": left, "checkpoint": len(schedule), "data chunk": -(-left // stream.batches_per_chunk)})
     loss_sum, loss_count = torch.zeros((), device=device), 0
     model.train()
     forward = None                               # the module that computes the training loss, set on step 1
@@ -810,7 +814,8 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
             _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
             clock.add("checkpoint", time.perf_counter() - started)
             progress.update(step, f"held-out loss {metrics['heldout_loss']:.3g}, best collision score "
-                                  f"{max(max(row) for row in table['collision_score']):.2f}", force=step == train_cfg.steps)
+                                  f"{max(max(row) for row in table['collision_score']):.2f}",
+                            force=step == train_cfg.steps, eta=eta(step))
         elif step == schedule[0]:
             schedule.pop(0)                     # the checkpoint we resumed from
         if step == train_cfg.steps or step == stop_at:
@@ -824,9 +829,7 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
             forward = _compiled(model, x) if compile_model else model
         loss_sum, loss_count = loss_sum + training_step(forward, optimizer, x, y), loss_count + 1
         clock.add("step", time.perf_counter() - started)
-        left = train_cfg.steps - step - 1
-        progress.update(step + 1, eta=clock.eta({"step": left, "checkpoint": len(schedule),
-                                                 "data chunk": -(-left // stream.batches_per_chunk)}))
+        progress.update(step + 1, eta=eta(step + 1))
     return model.eval()
 
 
