@@ -298,16 +298,6 @@ def heldout_set(sim: SimConfig, data: DataConfig, device=None):
     return torch.cat(x), torch.cat(y)
 
 
-def bootstrap_weights(n: int, replicates: int, seed: int = 0) -> torch.Tensor:
-    """Bootstrap resamples of n items as weights (replicates, n): row k holds how often resample k draws
-    each item (multinomial, n draws with replacement), divided by n, in float64. Weighted metrics with row k equal
-    the metrics of resample k (tested); the same seed gives the same resamples at every checkpoint."""
-    g = torch.Generator().manual_seed(seed)
-    draws = torch.randint(n, (replicates, n), generator=g)                          # (K, n)
-    counts = torch.zeros(replicates, n, dtype=torch.float64)
-    return counts.scatter_add_(1, draws, torch.ones(replicates, n, dtype=torch.float64)) / n
-
-
 # ----------------------------------------------------------------------------------------------------
 # 3. The particle transformer (Appendix C.1, Fig. 4, Table 4)
 # ----------------------------------------------------------------------------------------------------
@@ -478,10 +468,14 @@ def head_class(score: float) -> str:
     return "true" if score >= TRUE_HEAD_SCORE else "partial" if score >= PARTIAL_HEAD_SCORE else "none"
 
 
-@torch.no_grad()
-def attention_weights(model: ParticleTransformer, states: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Every head's attention on states (S, N, 4), in chunks: (L, S, H, N, N+1)."""
-    return torch.cat([model(s, return_attention=True)[1] for s in states.split(chunk)], 1)
+def bootstrap_weights(n: int, replicates: int, seed: int = 0) -> torch.Tensor:
+    """Bootstrap resamples of n items as weights (replicates, n): row k holds how often resample k draws
+    each item (multinomial, n draws with replacement), divided by n, in float64. Weighted metrics with row k equal
+    the metrics of resample k (tested); the same seed gives the same resamples at every checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (replicates, n), generator=g)                          # (K, n)
+    counts = torch.zeros(replicates, n, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones(replicates, n, dtype=torch.float64)) / n
 
 
 def _uniform(weights: torch.Tensor | None, n_states: int, like: torch.Tensor) -> torch.Tensor:
