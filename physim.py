@@ -505,8 +505,9 @@ def collision_detection_score(attn: torch.Tensor, positions: torch.Tensor,
     mass = (attn[..., :N] * near.unsqueeze(-3)).sum(-1)                          # (..., S, H, N)
     per_state = (mass * has_near.unsqueeze(-2)).sum(-1)                          # (..., S, H)
     w = _uniform(weights, len(positions), per_state)                             # (K, S)
-    queries = w @ has_near.sum(-1).to(w.dtype)                                   # (K,) weighted count
-    score = _weighted_mean(w, per_state.movedim(-2, 0)) / queries.clamp(min=1e-12).view(-1, *[1] * (per_state.dim() - 1))
+    queries = (w @ has_near.sum(-1).to(w.dtype)).clamp(min=1e-12)                # (K,) weighted count
+    score = _weighted_mean(w, per_state.movedim(-2, 0))                          # (K, ..., H)
+    score = score / queries.view(-1, *[1] * (score.dim() - 1))
     return score[0] if weights is None else score
 
 

@@ -1314,6 +1314,15 @@ def _judged_run(curves, rho, rng):
             for c in cs]
 
 
+@pytest.mark.parametrize("rho", [0.0, MEASURED_RHO, 0.9])
+def test_noise_correlation_recovers_the_ar1_coefficient(rho):
+    # Proves noise_correlation estimates ρ of AR(1) deviations under a moving trend: 16 planted curves
+    # of a run give ρ within ±0.1 (their late power laws move slowly next to the deviations).
+    rng = np.random.default_rng(3)
+    curves = [np.exp(y + _ar1(len(STEPS), rho, sigma, rng)) for y, sigma, _, _ in (_planted(rng, "late") for _ in range(16))]
+    assert P.noise_correlation(STEPS, curves) == pytest.approx(rho, abs=0.1)
+
+
 @pytest.mark.parametrize("rho", [MEASURED_RHO, 0.9])
 @pytest.mark.parametrize("kind", ["late", "stops"])
 def test_judge_recovers_planted_late_power_laws(kind, rho):
