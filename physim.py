@@ -957,15 +957,21 @@ def simulator_batches(sim: SimConfig, data: DataConfig, batch_size: int, device=
     return batches
 
 
-def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int) -> str:
+def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int, llc: float = 0.0,
+                 dimension: int | None = None) -> str:
     """Automatic verdict on one chain (cf. Appendix B.2.1), judged on its excess loss
-    e_t = L_m(w_t) − L_m(w₀) over the same minibatch (T,), which is free of minibatch noise:
+    e_t = L_m(w_t) − L_m(w₀) over the same minibatch (T,), which is free of minibatch noise, and on its
+    estimate `llc` against the `dimension` d of the sampled parameters:
     - diverged: a non-finite loss, or the loss running away (over the last tenth of the steps e_t
       lies above its level in the second half of burn-in by more than 9x that level, and by more
       than 10 standard deviations of e_t there: far outside its fluctuations);
     - not stationary: the two halves of the post-burn-in e_t have means that differ by more than
       4 standard errors (batch means of 10 batches per half, which absorbs autocorrelation);
-    - negative: the mean of e_t after burn-in is below 0 (the chain sits below L(w₀), so λ̂ < 0)."""
+    - negative: the mean of e_t after burn-in is below 0 (the chain sits below L(w₀), so λ̂ < 0);
+    - too hot: λ̂ exceeds d, twice d/2, the learning coefficient of a regular minimum and the most any
+      minimum has (a margin of d/2 for the chain's noise): the chain is too hot for the curvature there
+      (ε too large: SGLD's stationary variance grows like 1/(1 − εP/4) for curvature P, see
+      test_llc_prior_is_gamma_times_w_minus_w0)."""
     if not (torch.isfinite(trace).all() and torch.isfinite(w0_trace).all()):
         return "diverged (non-finite loss)"
     excess = trace - w0_trace
@@ -985,6 +991,8 @@ def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int) -> s
         return "not stationary after burn-in"
     if post.mean() < 0:
         return "negative (mean loss below L(w0))"
+    if dimension is not None and llc > dimension:
+        return f"too hot (λ̂ > 2 · d/2 = {dimension}: lower the step size)"
     return "healthy"
 
 
@@ -1073,7 +1081,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     results = []
     for k in range(K):
         chain_llc = nbeta * (traces[k, :, B:].mean(1) - init)                 # eq. (3), (C,)
-        health = [chain_health(traces[k, c], w0_losses[c], B) for c in range(C)]
+        dimension = sum(int(masks[n][k * C].sum()) for n in names)               # d, the sampled entries
+        health = [chain_health(traces[k, c], w0_losses[c], B, float(chain_llc[c]), dimension) for c in range(C)]
         llc = float(chain_llc.mean())
         stderr = float(chain_llc.std() / math.sqrt(C)) if C > 1 else float("nan")
         final = {n: torch.where(masks[n][k * C:(k + 1) * C], w0[n] + delta[n][k * C:(k + 1) * C], w0[n]).cpu()

@@ -1072,6 +1072,22 @@ def _tiny_physics_model(float64=True):
 SMALL_SGLD = P.LLCConfig(step_size=1e-4, nbeta=100.0, batch_size=4, steps=12, burn_in=6, chains=3, seed=5)
 
 
+def test_llc_loss_conventions_and_the_ones_the_presets_use():
+    # Pins the LLC's L_m: physim.squared_error is Appendix B.1's ℓ = ‖y − f(x, w)‖² summed over a state's
+    # 4N outputs and averaged over the minibatch (a loop says so), 4N times F.mse_loss; --full samples
+    # with it, the scaled preset with the mean (README: chosen by the traces at each preset's settings).
+    # (test_reproduce_end_to_end_and_resume checks that run_llc samples with the preset's convention.)
+    import reproduce as R
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(5, 6, 4, generator=g), torch.randn(5, 6, 4, generator=g)
+    by_hand = sum(float(((out[b] - target[b]) ** 2).sum()) for b in range(5)) / 5
+    assert float(P.squared_error(out, target)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(P.LLC_LOSSES["sum"](out, target)) == pytest.approx(24 * float(P.LLC_LOSSES["mean"](out, target)), rel=1e-6)
+    assert (R.FULL.llc_loss, R.SCALED.llc_loss) == ("sum", "mean")
+    with pytest.raises(ValueError, match="llc_loss"):
+        R.Preset(llc_loss="median")
+
+
 def test_llc_on_one_head_moves_only_that_head(float64):
     # Proves sampling one head leaves every other parameter bit-identical (and the model untouched)
     # and moves every parameter of that head.
@@ -1170,8 +1186,9 @@ def test_batched_chains_and_heads_equal_one_at_a_time(float64):
 def test_unhealthy_chains_are_flagged_and_kept_in_the_mean(float64):
     # Proves the automatic verdicts: a step size far too large diverges, a chain started away from a
     # minimum goes below L(w₀) (negative), a chain with no burn-in whose loss is still climbing is
-    # not stationary. Every one of them is flagged and still averaged in: the estimate is the mean of
-    # all chains, as the paper reports it (a diverged chain makes it non-finite).
+    # not stationary, and a stationary chain too hot for the curvature has λ̂ above d = 2 · d/2. Every one of them
+    # is flagged and still averaged in: the estimate is the mean of all chains, as the paper reports it
+    # (a diverged chain makes it non-finite).
     quadratic = PowerLoss([1.0, 1.0], [2.0, 2.0])
     cfg = P.LLCConfig(step_size=0.01, nbeta=1000.0, steps=200, burn_in=50, chains=2)
     diverged = P.estimate_llc(quadratic, _mean_criterion, DUMMY_DATA, {"w": None}, cfg)
@@ -1192,7 +1209,12 @@ def test_unhealthy_chains_are_flagged_and_kept_in_the_mean(float64):
     climbing = P.estimate_llc(many, _mean_criterion, DUMMY_DATA, {"w": None}, slow)
     assert all(h == "not stationary after burn-in" for h in climbing.health), climbing.health
 
-    for result in (runaway, negative, climbing):
+    # Stationary but too hot: at εP = 3.6 the stationary variance is 1/(P (1 − 0.9)), so λ̂ → 10 · d/2.
+    hot = P.estimate_llc(quadratic, _mean_criterion, DUMMY_DATA, {"w": None},
+                         P.LLCConfig(step_size=3.6 / 2001, nbeta=1000.0, steps=3000, burn_in=500, chains=2))
+    assert all(h.startswith("too hot") for h in hot.health), (hot.health, hot.chain_llc)
+
+    for result in (runaway, negative, climbing, hot):
         assert result.llc == pytest.approx(np.mean(result.chain_llc), rel=1e-12)
         assert result.llc_stderr == pytest.approx(np.std(result.chain_llc, ddof=1) / math.sqrt(len(result.chain_llc)))
     assert negative.llc < 0
@@ -1385,13 +1407,18 @@ TINY_PRESET_ARGS = dict(sim=TRAIN_SIM, model=TINY_MODEL, data=TRAIN_DATA, rollou
                         llc=P.LLCConfig(batch_size=4, steps=12, burn_in=6, chains=2), llc_checkpoints=2)
 
 
-def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
+def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     # Proves the whole pipeline (train, rollout, LLC, figures, tables) runs and writes what the README
-    # lists, and that re-running into the same folder resumes (nothing is retrained) with equal results.
+    # lists, that the LLC samples with the preset's loss convention, and that re-running into the same
+    # folder resumes (nothing is retrained) with equal results.
     import reproduce as R
     preset = R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS)
     out = str(tmp_path / "out")
+    criteria, estimate = [], P.estimate_llc
+    monkeypatch.setattr(P, "estimate_llc", lambda model, criterion, *a, **k: criteria.append(criterion) or
+                        estimate(model, criterion, *a, **k))
     shard = R.reproduce(preset, out, "cpu", runs=[1])                    # one shard, as one Slurm task would
+    assert criteria and set(criteria) == {P.LLC_LOSSES[preset.llc_loss]} == {P.squared_error}
     assert shard["runs"] == [1] and not os.path.exists(os.path.join(out, "run0"))
     first = R.reproduce(preset, out, "cpu")                              # the other shard; the report merges
     assert first["runs"] == [0, 1]
