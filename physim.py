@@ -1092,6 +1092,73 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     return results[0] if single else results
 
 
+@dataclass
+class Calibration:
+    """calibrate_llc's answer: every probed cell, and the setting it recommends (None where none fits)."""
+    rows: list                   # one dict per (model, ε, nβ, subset): its λ̂ ± se, healthy chains, verdicts
+    step_size: float | None      # the recommended ε ...
+    nbeta: float | None          # ... and nβ
+    statement: str               # the recommendation, or why there is none, in one sentence
+
+
+def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_sizes, nbetas=None,
+                  min_healthy: float = 0.75, label: str | None = None) -> Calibration:
+    """Appendix B.2.1 automated. The paper chose ε and nβ by reading trace plots: early checkpoints
+    converge slowly, a larger ε makes late ones diverge, and no one setting suited every head. Here
+    short chains run over a grid of ε (and optionally nβ) at a few models (e.g. checkpoints early,
+    middle and late) and subsets (e.g. heads), and chain_health judges every chain.
+
+    models     {name: nn.Module}; criterion, data and subsets as for estimate_llc (subsets a dict or a list)
+    cfg        the chains' settings (T, B, C, m, γ, seed); its ε and nβ are replaced by the grid's
+    A cell (model, ε, nβ) is healthy if each subset has at least `min_healthy` of its chains healthy
+    (our choice: short chains flag a healthy chain now and then, so 3 of 4 by default). The
+    recommended setting is the largest ε healthy at every model (among equal ε, the first nβ listed).
+    Health cannot see everything. Chains too short to equilibrate give a λ̂ that grows with ε, and
+    SGLD's discretisation inflates λ̂ by about 1/(1 − εP/4) at curvature P
+    (test_llc_prior_is_gamma_times_w_minus_w0). So every row also carries λ̂ over its value at the
+    next smaller ε, and the statement says so where that ratio is still large at the recommendation."""
+    nbetas = [cfg.nbeta] if nbetas is None else list(nbetas)
+    subsets = [subsets] if isinstance(subsets, dict) else list(subsets)
+    rows, cells = [], len(models) * len(nbetas) * len(step_sizes)
+    for name, model in models.items():
+        for nbeta in nbetas:
+            for eps in step_sizes:
+                cell = LLCConfig(**{**asdict(cfg), "step_size": eps, "nbeta": nbeta})
+                results = estimate_llc(model, criterion, data, subsets, cell, label=f"{label}: cell {len(rows) // len(subsets) + 1}"
+                                       f"/{cells} ({name}, ε = {eps:g}, nβ = {nbeta:g})" if label else None)
+                rows += [{"model": name, "step_size": eps, "nbeta": nbeta, "subset": k, "llc": r.llc,
+                          "llc_stderr": r.llc_stderr, "healthy_chains": r.health.count("healthy"), "chains": len(r.health),
+                          "unhealthy": "; ".join(sorted({h for h in r.health if h != "healthy"}))}
+                         for k, r in enumerate(results)]
+
+    # Diagnostic: λ̂ against its value at the next smaller probed ε (same model, nβ, subset). Near 1 once
+    # ε no longer matters; close to the ratio of the two ε while the chains are too short to equilibrate
+    # (they have not left w₀'s neighbourhood and λ̂ grows with how far ε lets them go).
+    for r in rows:
+        smaller = [q for q in rows if (q["model"], q["nbeta"], q["subset"]) == (r["model"], r["nbeta"], r["subset"])
+                   and q["step_size"] < r["step_size"]]
+        below = max(smaller, key=lambda q: q["step_size"]) if smaller else None
+        r["llc_over_smaller_step"] = r["llc"] / below["llc"] if below and below["llc"] > 0 else math.nan
+
+    def healthy(eps, nbeta):                     # at every model, every subset
+        return all(r["healthy_chains"] >= min_healthy * r["chains"]
+                   for r in rows if r["step_size"] == eps and r["nbeta"] == nbeta)
+    fits = [(eps, nbeta) for nbeta in nbetas for eps in step_sizes if healthy(eps, nbeta)]
+    if not fits:
+        return Calibration(rows, None, None, f"no probed setting (ε in {sorted(step_sizes)}, nβ in {nbetas}) keeps "
+                                             f"{min_healthy:.0%} of the chains healthy at every one of the "
+                                             f"{len(models)} models: probe other ε, or longer chains")
+    eps, nbeta = max(fits, key=lambda f: (f[0], -nbetas.index(f[1])))
+    ratios = [r["llc_over_smaller_step"] for r in rows if (r["step_size"], r["nbeta"]) == (eps, nbeta)
+              and not math.isnan(r["llc_over_smaller_step"])]
+    growth = float(np.median(ratios)) if ratios else math.nan
+    caveat = (f"; but there λ̂ is still {growth:.2f}x its value at the next smaller ε (median over models and "
+              f"subsets): the chains have not equilibrated, so λ̂ measures the chain as much as the model"
+              if growth > 1.25 else "")
+    return Calibration(rows, eps, nbeta, f"ε = {eps:g}, nβ = {nbeta:g}: the largest probed ε that keeps "
+                                         f"{min_healthy:.0%} of the chains healthy at all {len(models)} models" + caveat)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 8. Power laws in the attention-distance correlation (§3.2, Appendix D.1, Table 5)
 # ----------------------------------------------------------------------------------------------------

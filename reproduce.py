@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
@@ -303,6 +304,78 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
                              "chains": len(r["health"]),
                              "unhealthy": "; ".join(f"chain {c}: {h}" for c, h in enumerate(r["health"]) if h != "healthy")})
     physim._write_csv(os.path.join(rdir, "llc.csv"), rows)
+
+
+CALIBRATION_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)   # calibrate probes ε = the preset's ε times these ...
+CALIBRATION_MAX_STEPS = 1000                       # ... with chains of at most this many steps (short chains)
+
+
+def calibrate(out: str, device: str) -> physim.Calibration:
+    """`reproduce.py calibrate`: physim.calibrate_llc (Appendix B.2.1 automated) on the first trained run
+    of the results folder `out`, with the preset's chains (shortened to CALIBRATION_MAX_STEPS, burn-in
+    in proportion) at ε = the preset's ε x CALIBRATION_FACTORS and the preset's nβ, at the first, a
+    middle and the last of the run's LLC checkpoints, for the heads the run estimates. Writes
+    out/calibration.csv, out/calibration.json (the recommendation) and out/figures/calibration.png."""
+    preset = preset_from_config(out)
+    runs = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "metrics.csv"))]
+    physim._require(len(runs) > 0, f"{out} holds no trained run yet: nothing to calibrate")
+    rdir = run_dir(out, runs[0])
+    m = read_metrics(rdir)
+    heads = llc_heads(m.score[-1], preset.llc_heads)
+    chosen = llc_steps(m.steps, preset.llc_checkpoints)
+    probed = sorted({chosen[0], chosen[len(chosen) // 2], chosen[-1]})
+    for step in probed:
+        physim._require(os.path.exists(physim.weights_path(rdir, step)),
+                        f"{rdir} has no weights at step {step} yet: finish its training first")
+    models = {step: physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
+              for step in probed}
+    steps = min(preset.llc.steps, CALIBRATION_MAX_STEPS)
+    cfg = LLCConfig(**{**asdict(preset.llc), "steps": steps, "burn_in": preset.llc.burn_in * steps // preset.llc.steps})
+    data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
+                                    cfg.batch_size, device)
+    first = models[probed[0]]
+    cal = physim.calibrate_llc(models, physim.LLC_LOSSES[preset.llc_loss], data,
+                               [physim.head_parameters(first, l, h) for l, h in heads], cfg,
+                               [preset.llc.step_size * f for f in CALIBRATION_FACTORS], label=f"run {runs[0]} calibration")
+    rows = [{"run": runs[0], "step": r["model"], "head": "{}-{}".format(*heads[r["subset"]]),
+             **{k: v for k, v in r.items() if k not in ("model", "subset")}} for r in cal.rows]
+    physim._write_csv(os.path.join(out, "calibration.csv"), rows)
+    record = {"step_size": cal.step_size, "nbeta": cal.nbeta, "statement": cal.statement,
+              "preset_step_size": preset.llc.step_size, "chain_steps": cfg.steps, "burn_in": cfg.burn_in}
+    physim._atomic_write(os.path.join(out, "calibration.json"), lambda tmp: json.dump(record, open(tmp, "w"), indent=1))
+    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    calibration_figure(rows, cal, preset.llc.step_size, os.path.join(out, "figures", "calibration.png"))
+    return cal
+
+
+def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: float, path: str) -> None:
+    """λ̂ ± se against ε, one panel per probed checkpoint and one line per head; hollow markers where a
+    cell has too few healthy chains; the recommended ε dashed, the preset's dotted."""
+    steps = sorted({r["step"] for r in rows})
+    fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.4), squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        for i, head in enumerate(sorted({r["head"] for r in rows})):
+            mine = sorted((r for r in rows if r["step"] == step and r["head"] == head), key=lambda r: r["step_size"])
+            eps = [r["step_size"] for r in mine]
+            llc = [r["llc"] for r in mine]
+            ax.plot(eps, llc, color=f"C{i}", lw=1, label=f"head {head}")
+            for r in mine:
+                healthy = r["healthy_chains"] == r["chains"]
+                ax.errorbar(r["step_size"], r["llc"], yerr=r["llc_stderr"], color=f"C{i}", marker="o", ms=5,
+                            mfc=f"C{i}" if healthy else "white")
+        if cal.step_size is not None:
+            ax.axvline(cal.step_size, color="k", ls="--", lw=1, label="recommended ε")
+        ax.axvline(preset_eps, color="grey", ls=":", lw=1, label="the preset's ε")
+        ax.set(xscale="log", xlabel="SGLD step size ε", ylabel="λ̂ (mean of chains)", title=f"step {step}")
+        grid = sorted({r["step_size"] for r in rows})
+        ax.set_xticks(grid, [f"{e:g}" for e in grid], fontsize=7)
+        ax.minorticks_off()
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(textwrap.fill("LLC calibration (hollow: some chain unhealthy). " + cal.statement, 40 * len(steps)),
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -990,6 +1063,9 @@ class MHABaseline(torch.nn.Module):
         return self.mha(x, x, x, attn_mask=self_mask, need_weights=need_weights, average_attn_weights=False)
 
 
+TINY_MLP_STEPS = 2000           # bench's tiny-MLP SGLD row: chain length (1000 burn-in + 1000 draws)
+
+
 def bench(device: str, out: str) -> list[dict]:
     """Each of our batched or fused paths against a plain baseline, both measured in this run:
     - the simulator: 16 trajectories in one batched call vs one trajectory at a time (Table 3, 256 steps);
@@ -1000,7 +1076,8 @@ def bench(device: str, out: str) -> list[dict]:
     - the whole training loop of the scaled preset, data and checkpoints included (2000 steps with
       the preset's checkpoint density and its held-out set): fused vs explicit attention;
     - estimate_llc on the scaled-down model restricted to one head: 8 chains batched in one vmap vs
-      the same 8 chains one after another, at m = 8 and Table 1's m = 256.
+      the same 8 chains one after another, at m = 8 and Table 1's m = 256;
+    - estimate_llc on a tiny MLP (issue 13's comparison with peer libraries), one thread: the same.
     Writes out/bench.csv and returns its rows."""
     rows = []
 
@@ -1082,6 +1159,27 @@ def bench(device: str, out: str) -> list[dict]:
         row(f"SGLD on one head, 8 chains, m={m}", "chains in a Python loop", "chains batched by vmap",
             cfg.chains * cfg.steps, wall_time(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone], device, 1),
             wall_time(lambda: physim.estimate_llc(model, mse, data, head, cfg), device, 1))
+
+    # The peer comparison of issue 13: a 2-16-16-1 tanh MLP regression, 8 chains of 1000 burn-in + 1000
+    # draws at m = 64 on one thread, each chain with its own minibatches and the paired L_m(w₀).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                  torch.nn.Linear(16, 1)).to(device)
+        x = torch.randn(4096, 2, device=device)
+        data = physim.dataset_batches(x, torch.sin(x.sum(1, keepdim=True)), 64)
+        cfg = LLCConfig(step_size=1e-4, nbeta=100.0, batch_size=64, steps=TINY_MLP_STEPS,
+                        burn_in=TINY_MLP_STEPS // 2, chains=8)
+        alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
+        everything = {n: None for n, _ in mlp.named_parameters()}
+        row("SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64", "chains in a Python loop", "chains batched by vmap",
+            cfg.chains * cfg.steps, wall_time(lambda: [physim.estimate_llc(mlp, mse, data, everything, c) for c in alone],
+                                              device, 1),
+            wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg), device, 1))
+    finally:
+        torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
     physim._write_csv(os.path.join(out, "bench.csv"), rows)
     return rows
@@ -1198,10 +1296,11 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Reproduce 'Emergence of Computational Structure in a Neural Network Physics Simulator'.")
-    parser.add_argument("command", nargs="?", choices=["run", "bench"], default="run",
+    parser.add_argument("command", nargs="?", choices=["run", "bench", "calibrate"], default="run",
                         help="run: train, measure and draw everything (default); bench: time the batched "
                              "parts against plain baselines (bench.csv) and project the wall time of the "
-                             "scaled and the --full run on this device (projection.csv)")
+                             "scaled and the --full run on this device (projection.csv); calibrate: probe "
+                             "the LLC's step size on a trained run in --out (calibration.csv, .json, .png)")
     parser.add_argument("--full", action="store_true",
                         help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
                              "the scaled-down run that fits a 2-core CPU in 12 minutes")
@@ -1238,6 +1337,9 @@ def main(argv=None) -> int:
             projection = projected_time(SCALED, device, "scaled") + projected_time(FULL, device, "full")
             physim._write_csv(os.path.join(out, "projection.csv"), projection)
             print(f"Projected wall time on this {device} device (projection.csv):\n" + markdown_table(projection))
+            return 0
+        if args.command == "calibrate":
+            print(calibrate(out, device).statement)
             return 0
         runs = None
         if args.runs is not None:

@@ -26,6 +26,7 @@ Physics tests run in float64 (fixture `float64`); everything uses tiny configs s
 about 3 minutes on two CPU cores.
 """
 import csv
+import json
 import math
 import os
 
@@ -1022,6 +1023,42 @@ def test_llc_regular_quadratic_is_half_the_dimension(float64, seed):
     assert abs(result.llc - 2.0) < 0.05 * 2.0, result.llc
 
 
+def test_calibrate_llc_recommends_the_largest_epsilon_healthy_at_every_model(float64):
+    # Proves calibrate_llc (Appendix B.2.1 automated) on two models whose learning coefficient is known,
+    # λ = d/2 = 2: L(w) = Σ a_i w_i² ("early") and the same 10x steeper ("late"). SGLD at curvature P is
+    # stable only for εP/4 < 1: at ε = 2e-3 both diverge; at ε = 2e-4 the flat model is healthy but the
+    # steep one (P ≈ 40 000) diverges, as the paper saw late checkpoints do; ε = 2e-5 suits both. The
+    # recommendation must be 2e-5 (healthy at every model, not merely at one), and there the estimate
+    # recovers λ on the flat model, whose εP/4 is 0.02.
+    a = [1.0, 0.5, 2.0, 1.5]
+    models = {"early": PowerLoss(a, [2.0] * 4), "late": PowerLoss([10 * x for x in a], [2.0] * 4)}
+    cal = P.calibrate_llc(models, _mean_criterion, DUMMY_DATA, {"w": None}, REGULAR, [2e-5, 2e-4, 2e-3])
+    cell = {(r["model"], r["step_size"]): r for r in cal.rows}
+    assert len(cal.rows) == 6 and (cal.step_size, cal.nbeta) == (2e-5, REGULAR.nbeta), cal.statement
+    assert cell["early", 2e-4]["healthy_chains"] == 16                   # healthy at one model is not enough
+    assert all(cell[m, 2e-3]["healthy_chains"] == 0 and "diverged" in cell[m, 2e-3]["unhealthy"] for m in models)
+    assert cell["late", 2e-4]["healthy_chains"] < 12 and "diverged" in cell["late", 2e-4]["unhealthy"]
+    assert abs(cell["early", 2e-5]["llc"] - 2.0) < 0.05 * 2.0, cell["early", 2e-5]
+    assert "2e-05" in cal.statement and "not equilibrated" not in cal.statement
+    assert math.isnan(cell["early", 2e-5]["llc_over_smaller_step"])           # λ̂ over λ̂ at the next smaller ε
+    assert cell["early", 2e-4]["llc_over_smaller_step"] == cell["early", 2e-4]["llc"] / cell["early", 2e-5]["llc"]
+    # A grid with no healthy setting says so instead of recommending one.
+    none = P.calibrate_llc(models, _mean_criterion, DUMMY_DATA, {"w": None}, REGULAR, [2e-3], nbetas=[1000.0, 500.0])
+    assert (none.step_size, none.nbeta) == (None, None) and none.statement.startswith("no probed setting")
+    assert len(none.rows) == 4
+
+
+def test_calibrate_llc_says_when_the_estimate_still_grows_with_epsilon(monkeypatch):
+    # Proves the caveat of calibrate_llc's statement: where every chain is healthy but λ̂ doubles with ε
+    # (chains too short to equilibrate: λ̂ measures how far ε lets them go), the recommendation says so.
+    def fake(model, criterion, data, subsets, cfg, label=None):
+        return [P.LLCResult(1000 * cfg.step_size, 0.0, [], [], ["healthy"] * 4, None, None, {}, cfg) for _ in subsets]
+    monkeypatch.setattr(P, "estimate_llc", fake)
+    cal = P.calibrate_llc({"m": None}, None, None, [{}, {}], P.LLCConfig(), [1e-3, 2e-3, 4e-3])
+    assert cal.step_size == 4e-3 and "still 2.00x its value at the next smaller ε" in cal.statement
+    assert [r["llc_over_smaller_step"] for r in cal.rows][2:] == [2.0, 2.0, 2.0, 2.0]
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_llc_prior_is_gamma_times_w_minus_w0(float64, seed):
     # Proves eq. (5)'s localising term is +γ(w − w₀) around w₀ and that the loss is evaluated at w, on
@@ -1456,7 +1493,20 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert R.main(["--report", out, "--device", "cpu"]) == 0
     assert os.path.exists(os.path.join(out, "REPORT.md"))
     assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
+    # calibrate probes the preset's ε x CALIBRATION_FACTORS at the run's LLC checkpoints, for its LLC heads,
+    # and recommends by calibrate_llc's rule, recomputed here from calibration.csv
     capsys.readouterr()
+    assert R.main(["calibrate", "--out", out, "--device", "cpu"]) == 0
+    record = json.load(open(os.path.join(out, "calibration.json")))
+    assert capsys.readouterr().out.strip() == record["statement"]
+    rows = read_csv(os.path.join(out, "calibration.csv"))
+    grid = sorted({float(r["step_size"]) for r in rows})
+    assert grid == pytest.approx([preset.llc.step_size * f for f in R.CALIBRATION_FACTORS])
+    assert len(rows) == len(grid) * len({r["step"] for r in rows}) * 2 and os.path.exists(
+        os.path.join(out, "figures", "calibration.png"))
+    healthy = [e for e in grid if all(int(r["healthy_chains"]) >= 0.75 * int(r["chains"])
+                                      for r in rows if float(r["step_size"]) == e)]
+    assert record["step_size"] == (pytest.approx(max(healthy)) if healthy else None)
     assert R.main(["--runs", "0,7", "--out", out]) == 2
     assert "run 7 does not exist" in capsys.readouterr().err
     assert R.main(["--report", str(tmp_path / "nothing")]) == 2
@@ -1519,9 +1569,12 @@ def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(R, "SCALED", R.Preset(runs=1, llc_heads=1, **TINY_PRESET_ARGS))
     monkeypatch.setattr(R, "FULL", R.Preset(runs=2, llc_heads=1, **TINY_PRESET_ARGS))
     monkeypatch.setattr(torch, "compile", lambda *a, **k: 1 / 0)       # the eager fallback: no compile time here
+    monkeypatch.setattr(R, "TINY_MLP_STEPS", 20)
+    threads = torch.get_num_threads()
     assert R.main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
     bench = read_csv(tmp_path / "bench.csv")
-    assert len(bench) == 7 and physim_fused_is_restored()
+    assert len(bench) == 8 and physim_fused_is_restored() and torch.get_num_threads() == threads
+    assert bench[-1]["threads"] == "1"                 # the tiny-MLP row runs on one thread, as issue 13's table
     for r in bench:                       # the speedup is the ratio of the two rates measured (rounded)
         ratio = float(r["ours steps/s"]) / float(r["baseline steps/s"])
         assert float(r["speedup"]) == pytest.approx(ratio, rel=0.02, abs=0.01), r
