@@ -725,15 +725,16 @@ def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torc
             "heldout_loss": float(F.mse_loss(torch.cat(predicted), targets))}
 
 
-def _compiled(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """torch.compile(model), or the model itself (with one warning line) where compiling fails."""
+def _compiled(fn, *example):
+    """torch.compile(fn), or fn itself (with one warning line) where compiling fails. fn must be pure
+    (a model's forward, an SGLD step): it is called once on `example` to compile."""
     try:
-        compiled = torch.compile(model)
-        compiled(x)                              # compilation happens on the first call
+        compiled = torch.compile(fn)
+        compiled(*example)                       # compilation happens on the first call
         return compiled
     except Exception as e:                       # no compiler, unsupported platform, ...
-        print(f"warning: torch.compile is unavailable here ({type(e).__name__}); training eagerly", file=sys.stderr)
-        return model
+        print(f"warning: torch.compile is unavailable here ({type(e).__name__}); running eagerly", file=sys.stderr)
+        return fn
 
 
 def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -997,7 +998,7 @@ def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int, llc:
 
 
 def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LLCConfig(),
-                 label: str | None = None):
+                 label: str | None = None, compile_step: bool = False):
     """Estimate the local learning coefficient restricted to some parameters, eq. (3)-(5).
 
     model      any nn.Module, left unchanged; called as it is (call .eval() first if it has dropout).
@@ -1016,6 +1017,10 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     the difference. L_m(w₀) is evaluated on every step's minibatch (one extra forward pass per
     chain, none per subset) so that the health verdicts can judge the noise-free excess loss. Chain c of every subset shares the noise generator and data of seed + c, so a
     chain gives the same numbers whether it runs alone or batched with others.
+
+    compile_step  run each step (the batched gradients, L_m(w₀) and the update of eq. (5)) through
+               torch.compile: much faster on small models once compiled (seconds), equal to the eager
+               step up to float rounding (tested); where compiling fails, one warning and eager steps.
     """
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -1043,37 +1048,41 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     streams = [data(cfg.seed + c) for c in range(C)]
     delta = {n: torch.zeros(K * C, *w0[n].shape, device=device, dtype=w0[n].dtype) for n in names}
 
-    def chain_loss(delta, mask, x, y):          # one chain: w = w₀ + (w − w₀) on the selected entries
-        params = {n: torch.where(mask[n], w0[n] + delta[n], w0[n]) for n in names}
-        return criterion(functional_call(model, {**frozen, **params}, (x,)), y)
+    def chain_loss(delta, x, y):                # one chain: w = w₀ + (w − w₀); delta is 0 off the selected entries
+        return criterion(functional_call(model, {**frozen, **{n: w0[n] + delta[n] for n in names}}, (x,)), y)
 
     def loss_at_w0(x, y):
         return criterion(functional_call(model, {**frozen, **w0}, (x,)), y)
 
-    sgld_step = vmap(grad_and_value(chain_loss))
-    init_losses = vmap(loss_at_w0)
     eps, gamma, nbeta = cfg.step_size, cfg.localization, cfg.nbeta
+
+    def sgld_step(delta, x, y, noise):          # x, y (C, m, ...); noise: name -> (C, *shape); delta (K*C, *shape)
+        xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
+        grads, loss = vmap(grad_and_value(chain_loss))(delta, xk, yk)
+        step = {n: -eps / 2 * (gamma * delta[n] + nbeta * grads[n])            # chain c's noise for every subset
+                   + math.sqrt(eps) * noise[n].repeat(K, *[1] * w0[n].dim()) for n in names}
+        return ({n: torch.where(masks[n], delta[n] + step[n], torch.zeros_like(step[n])) for n in names},  # eq. (5)
+                loss.detach(), vmap(loss_at_w0)(x, y).detach())
+
+    def noise_at():                             # name -> (C, *shape): each chain's draw from its own generator
+        return {n: torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
+                                for g in generators[n]]) for n in names}
+
     dtype = next(iter(w0.values())).dtype
     traces = torch.zeros(K * C, T, device=device, dtype=dtype)
     w0_losses = torch.zeros(C, T, device=device, dtype=dtype)
     progress = Progress(label, T)
+    step_fn = sgld_step
     with warnings.catch_warnings():   # on the CPU vmap runs the fused attention once per chain (no batching
         warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")  # rule): still faster
         for t in range(T):
             batch = [next(s) for s in streams]
             x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
             y = torch.stack([b[1] for b in batch]).to(device)
-            xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
-            grads, loss = sgld_step(delta, masks, xk, yk)
-            traces[:, t] = loss.detach()
-            with torch.no_grad():
-                w0_losses[:, t] = init_losses(x, y)
-            with torch.no_grad():
-                for n in names:                                                   # eq. (5)
-                    noise = torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
-                                         for g in generators[n]]).repeat(K, *[1] * w0[n].dim())
-                    step = -eps / 2 * (gamma * delta[n] + nbeta * grads[n]) + math.sqrt(eps) * noise
-                    delta[n] = torch.where(masks[n], delta[n] + step, torch.zeros_like(step))
+            noise = noise_at()
+            if compile_step and t == 0:
+                step_fn = _compiled(sgld_step, delta, x, y, noise)
+            delta, traces[:, t], w0_losses[:, t] = step_fn(delta, x, y, noise)
             progress.update(t + 1)
 
     traces, w0_losses = traces.cpu().view(K, C, T), w0_losses.cpu()         # (K, C, T), (C, T)

@@ -1077,7 +1077,8 @@ def bench(device: str, out: str) -> list[dict]:
       the preset's checkpoint density and its held-out set): fused vs explicit attention;
     - estimate_llc on the scaled-down model restricted to one head: 8 chains batched in one vmap vs
       the same 8 chains one after another, at m = 8 and Table 1's m = 256;
-    - estimate_llc on a tiny MLP (issue 13's comparison with peer libraries), one thread: the same.
+    - estimate_llc on a tiny MLP (issue 13's comparison with peer libraries), one thread: the same,
+      and the batched chains eager vs with a torch.compile'd step (compile time in the row's name).
     Writes out/bench.csv and returns its rows."""
     rows = []
 
@@ -1174,10 +1175,16 @@ def bench(device: str, out: str) -> list[dict]:
                         burn_in=TINY_MLP_STEPS // 2, chains=8)
         alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
         everything = {n: None for n, _ in mlp.named_parameters()}
+        batched = wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg), device, 1)
         row("SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64", "chains in a Python loop", "chains batched by vmap",
             cfg.chains * cfg.steps, wall_time(lambda: [physim.estimate_llc(mlp, mse, data, everything, c) for c in alone],
-                                              device, 1),
-            wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg), device, 1))
+                                              device, 1), batched)
+        t0 = time.perf_counter()
+        physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=True)    # compiles, then runs the chains
+        first = time.perf_counter() - t0
+        compiled = wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=True), device, 1)
+        row(f"SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64 (compiling took {first - compiled:.1f} s)",
+            "chains batched by vmap", "the same, torch.compile'd step", cfg.chains * cfg.steps, batched, compiled)
     finally:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)

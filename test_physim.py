@@ -1059,6 +1059,30 @@ def test_calibrate_llc_says_when_the_estimate_still_grows_with_epsilon(monkeypat
     assert [r["llc_over_smaller_step"] for r in cal.rows][2:] == [2.0, 2.0, 2.0, 2.0]
 
 
+def test_compiled_sgld_step_equals_the_eager_one(monkeypatch, capsys):
+    # Proves estimate_llc's compile_step path is the eager one: the same chains (noise and data) give
+    # the same traces and λ̂ to float rounding; where torch.compile fails, one warning line and exactly
+    # the eager numbers.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(256, 2)
+    data = P.dataset_batches(x, torch.sin(x.sum(1, keepdim=True)), 16)
+    subsets = [{"0.weight": None}, {"2.weight": None, "2.bias": None}]
+    cfg = P.LLCConfig(step_size=1e-3, nbeta=50.0, batch_size=16, steps=40, burn_in=20, chains=3)
+    eager = P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets, cfg)
+    compiled = P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets, cfg, compile_step=True)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c.traces, e.traces, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c.w0_traces, e.w0_traces, rtol=1e-4, atol=1e-6)
+        assert c.llc == pytest.approx(e.llc, rel=1e-3, abs=1e-4) and c.health == e.health
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: 1 / 0)
+    fallback = P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets, cfg, compile_step=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "torch.compile" in warnings[0]
+    assert all(torch.equal(f.traces, e.traces) and f.llc == e.llc for f, e in zip(fallback, eager))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_llc_prior_is_gamma_times_w_minus_w0(float64, seed):
     # Proves eq. (5)'s localising term is +γ(w − w₀) around w₀ and that the loss is evaluated at w, on
@@ -1573,8 +1597,8 @@ def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsy
     threads = torch.get_num_threads()
     assert R.main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
     bench = read_csv(tmp_path / "bench.csv")
-    assert len(bench) == 8 and physim_fused_is_restored() and torch.get_num_threads() == threads
-    assert bench[-1]["threads"] == "1"                 # the tiny-MLP row runs on one thread, as issue 13's table
+    assert len(bench) == 9 and physim_fused_is_restored() and torch.get_num_threads() == threads
+    assert bench[-2]["threads"] == bench[-1]["threads"] == "1"     # the tiny-MLP rows run on one thread, as issue 13's
     for r in bench:                       # the speedup is the ratio of the two rates measured (rounded)
         ratio = float(r["ours steps/s"]) / float(r["baseline steps/s"])
         assert float(r["speedup"]) == pytest.approx(ratio, rel=0.02, abs=0.01), r
