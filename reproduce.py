@@ -349,8 +349,8 @@ def calibrate(out: str, device: str) -> physim.Calibration:
 
 
 def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: float, path: str) -> None:
-    """λ̂ ± se against ε, one panel per probed checkpoint and one line per head; hollow markers where a
-    cell has too few healthy chains; the recommended ε dashed, the preset's dotted."""
+    """λ̂ ± se against ε, one panel per probed checkpoint and one line per head; hollow markers where
+    some chain of the cell is unhealthy; the recommended ε dashed, the preset's dotted."""
     steps = sorted({r["step"] for r in rows})
     fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.4), squeeze=False)
     for ax, step in zip(axes[0], steps):
