@@ -433,18 +433,28 @@ class ParticleTransformer(nn.Module):
         b = (self.boundary - self.in_shift[:2]) / self.in_scale[:2]               # (M, 2)
         return h + near @ self.boundary_embed(b)                                  # x' + b'
 
-    def acceleration(self, x: torch.Tensor, return_attention: bool = False):
-        """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)]."""
-        h = self.embedding(x)                                                    # (B, N, E)
+    def hidden(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """x^(block), the input of block `block` (0-based): the embedding, then blocks 0 ... block−1.
+        x (B, N, 4) -> (B, N, E)."""
+        h = self.embedding(x)
+        for b in self.blocks[:block]:
+            h, _ = b(h, need_weights=False)
+        return h
+
+    def acceleration(self, x: torch.Tensor, return_attention: bool = False, resume=None):
+        """Predicted contact acceleration a (B, N, 2) [and attention (L, B, H, N, N+1)].
+        resume = (l, x^(l)) starts at block l from its input (see hidden): the blocks before are skipped
+        (and only blocks l ... L−1 have attention to return)."""
+        first, h = (0, self.embedding(x)) if resume is None else resume           # (B, N, E)
         attention = []
-        for block in self.blocks:
+        for block in self.blocks[first:]:
             h, attn = block(h, need_weights=return_attention)                    # fused without weights
             attention.append(attn)
         a = self.out_scale * self.unembed(self.ln_final(h))                       # (B, N, 2)
         return (a, torch.stack(attention)) if return_attention else a
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        out = self.acceleration(x, return_attention)
+    def forward(self, x: torch.Tensor, return_attention: bool = False, resume=None):
+        out = self.acceleration(x, return_attention, resume)
         a = out[0] if return_attention else out
         v = x[..., 2:] + self.sim.dt * (a + self.gravity)                         # eq. (6)
         p = x[..., :2] + self.sim.dt * v
@@ -924,6 +934,29 @@ def head_parameters(model: ParticleTransformer, block: int, head: int) -> dict:
             prefix + "out_proj.weight": cols[None, :].expand(E, E).clone()}
 
 
+class FromBlock(nn.Module):
+    """The particle transformer from block l on, for estimate_llc's `prefix`: when every sampled
+    parameter sits in blocks l ... L−1 (e.g. heads of block l), the embedding and blocks 0 ... l−1 are
+    the same for every chain and head on a minibatch, and the same as at w₀. So
+        split = FromBlock(model, l);   estimate_llc(split, ..., prefix=split.prefix)
+    computes x^(l) once per minibatch (prefix: x -> (x, x^(l))) and samples only the rest:
+    split(x, x^(l)) = model(x) (test_llc_prefix_split_equals_the_whole_model). It holds the model's
+    own modules under the model's names, so head_parameters(model, ...) names its parameters too, and
+    estimate_llc draws the same noise for them."""
+
+    def __init__(self, model: ParticleTransformer, block: int):
+        super().__init__()
+        for name, module in model.named_children():
+            self.add_module(name, module)                                         # the same modules, same names
+        self.whole, self.block = (model,), block   # a plain reference (a tuple): not a second copy of the names
+
+    def prefix(self, x: torch.Tensor):
+        return x, self.whole[0].hidden(x, self.block)                            # (B, N, 4), (B, N, E)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.whole[0](x, resume=(self.block, h))
+
+
 def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Appendix B.1's loss ℓ(w, x, y) = ‖y − f(x, w)‖², summed over every output of a sample (the 4N
     numbers of a particle state), averaged over the minibatch: L_m. (F.mse_loss also averages over the
@@ -937,12 +970,16 @@ LLC_LOSSES = {"sum": squared_error, "mean": F.mse_loss}   # the two conventions 
 def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, block: int = 256):
     """Data source for estimate_llc from a fixed dataset: seed -> endless random minibatches
     (drawn with replacement). Indices are drawn on the CPU (the same seed gives the same minibatches
-    on every device), `block` minibatches at a time: one host-to-device copy per block, not per step."""
+    on every device), `block` minibatches at a time: one host-to-device copy per block, not per step, and
+    the samples gathered for many minibatches at once."""
+    rows = max(1, 2 ** 22 // (batch_size * x[0].numel()))                     # ≤ 2^22 numbers of x per gather
+
     def batches(seed: int):
         g = torch.Generator().manual_seed(seed)
         while True:
-            for idx in torch.randint(len(x), (block, batch_size), generator=g).to(x.device):  # (block, m)
-                yield x[idx], y[idx]
+            idx = torch.randint(len(x), (block, batch_size), generator=g).to(x.device)      # (block, m)
+            for part in idx.split(rows):                                         # one gather per `rows` minibatches
+                yield from zip(x[part], y[part])                                 # (m, ...) each
     return batches
 
 
@@ -997,8 +1034,11 @@ def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int, llc:
     return "healthy"
 
 
+NOISE_BLOCK_STEPS = 256   # estimate_llc draws each chain's noise this many steps at a time (fewer for big tensors)
+
+
 def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LLCConfig(),
-                 label: str | None = None, compile_step: bool = False):
+                 label: str | None = None, compile_step: bool = False, prefix=None):
     """Estimate the local learning coefficient restricted to some parameters, eq. (3)-(5).
 
     model      any nn.Module, left unchanged; called as it is (call .eval() first if it has dropout).
@@ -1015,9 +1055,14 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     mean of L_m(w₀) over the same post-burn-in minibatches the chain's L_m(w_t) was averaged over:
     an unbiased estimate of the loss at w₀ on (T − B)·m samples whose minibatch noise cancels in
     the difference. L_m(w₀) is evaluated on every step's minibatch (one extra forward pass per
-    chain, none per subset) so that the health verdicts can judge the noise-free excess loss. Chain c of every subset shares the noise generator and data of seed + c, so a
-    chain gives the same numbers whether it runs alone or batched with others.
+    chain, none per subset) so that the health verdicts can judge the noise-free excess loss.
+    Chain c of every subset shares the noise generator and data of seed + c, so a chain gives the
+    same numbers whether it runs alone or batched with others.
 
+    prefix     optional: the part of the network in front of `model` that holds no sampled parameter,
+               inputs -> the model's inputs (a tensor or a tuple), evaluated once per chain and minibatch
+               without gradients and shared by every subset and by L_m(w₀): the chains then run only
+               model(*prefix(inputs)). For heads of the particle transformer: FromBlock.
     compile_step  run each step (the batched gradients, L_m(w₀) and the update of eq. (5)) through
                torch.compile: much faster on small models once compiled (seconds), equal to the eager
                step up to float rounding (tested); where compiling fails, one warning and eager steps.
@@ -1049,24 +1094,36 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     delta = {n: torch.zeros(K * C, *w0[n].shape, device=device, dtype=w0[n].dtype) for n in names}
 
     def chain_loss(delta, x, y):                # one chain: w = w₀ + (w − w₀); delta is 0 off the selected entries
-        return criterion(functional_call(model, {**frozen, **{n: w0[n] + delta[n] for n in names}}, (x,)), y)
+        return criterion(functional_call(model, {**frozen, **{n: w0[n] + delta[n] for n in names}}, x), y)
 
-    def loss_at_w0(x, y):
-        return criterion(functional_call(model, {**frozen, **w0}, (x,)), y)
+    def losses_at_w0(x, y):                     # every chain's L_m(w₀): one forward over all C·m samples
+        with torch.no_grad():
+            out = model(*(t.flatten(0, 1) for t in x))                            # (C·m, ...)
+        return vmap(criterion)(out.unflatten(0, (C, -1)), y)                      # (C,)
 
     eps, gamma, nbeta = cfg.step_size, cfg.localization, cfg.nbeta
 
-    def sgld_step(delta, x, y, noise):          # x, y (C, m, ...); noise: name -> (C, *shape); delta (K*C, *shape)
-        xk, yk = x.repeat(K, *[1] * (x.dim() - 1)), y.repeat(K, *[1] * (y.dim() - 1))  # (K*C, m, ...)
-        grads, loss = vmap(grad_and_value(chain_loss))(delta, xk, yk)
+    def sgld_step(delta, x, y, noise):          # x: tuple of (C, m, ...); y (C, m, ...); noise: name -> (C, *shape)
+        def every_subset(t):                    # (C, ...) -> (K*C, ...), the layout of delta (K*C, *shape)
+            return t.repeat(K, *[1] * (t.dim() - 1))
+        grads, loss = vmap(grad_and_value(chain_loss))(delta, tuple(map(every_subset, x)), every_subset(y))
         step = {n: -eps / 2 * (gamma * delta[n] + nbeta * grads[n])            # chain c's noise for every subset
                    + math.sqrt(eps) * noise[n].repeat(K, *[1] * w0[n].dim()) for n in names}
         return ({n: torch.where(masks[n], delta[n] + step[n], torch.zeros_like(step[n])) for n in names},  # eq. (5)
-                loss.detach(), vmap(loss_at_w0)(x, y).detach())
+                loss.detach(), losses_at_w0(x, y))
 
-    def noise_at():                             # name -> (C, *shape): each chain's draw from its own generator
-        return {n: torch.stack([torch.randn(w0[n].shape, generator=g, device=device, dtype=w0[n].dtype)
-                                for g in generators[n]]) for n in names}
+    # Each chain draws a tensor's noise for `block[n]` steps at once (one generator call per block, not
+    # per step), a block of at most ~2^20 numbers: a function of the tensor's shape alone, so a chain
+    # still draws the same noise whether it runs alone or batched.
+    block = {n: max(1, min(NOISE_BLOCK_STEPS, 2 ** 20 // w0[n].numel())) for n in names}
+    drawn = {}
+
+    def noise_at(t):                            # name -> (C, *shape): step t's noise of every chain
+        for n in names:
+            if t % block[n] == 0:               # (C, block, *shape)
+                drawn[n] = torch.stack([torch.randn(block[n], *w0[n].shape, generator=g, device=device,
+                                                    dtype=w0[n].dtype) for g in generators[n]])
+        return {n: drawn[n][:, t % block[n]] for n in names}
 
     dtype = next(iter(w0.values())).dtype
     traces = torch.zeros(K * C, T, device=device, dtype=dtype)
@@ -1079,7 +1136,13 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
             batch = [next(s) for s in streams]
             x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
             y = torch.stack([b[1] for b in batch]).to(device)
-            noise = noise_at()
+            if prefix is None:
+                x = (x,)
+            else:                               # once for every chain's minibatch: (C·m, ...) at a time
+                with torch.no_grad():
+                    x = prefix(x.flatten(0, 1))
+                x = tuple(t.unflatten(0, (C, -1)) for t in (x if isinstance(x, tuple) else (x,)))  # each (C, m, ...)
+            noise = noise_at(t)
             if compile_step and t == 0:
                 step_fn = _compiled(sgld_step, delta, x, y, noise)
             delta, traces[:, t], w0_losses[:, t] = step_fn(delta, x, y, noise)

@@ -243,7 +243,8 @@ def llc_chunk_trajectories(preset: Preset) -> int:
 def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None):
     """estimate_llc of each (layer, head), `group` heads batched in one vmap per SGLD step. Where a
     group does not fit in the device's memory it retries with groups half as large. The numbers do
-    not depend on the grouping: chain c of every head draws the same noise and data (tested).
+    not depend on the grouping: chain c of every head draws the same noise and data (tested). The
+    blocks before a group's first head run once per minibatch (physim.FromBlock).
     Returns the LLCResults and the group size that fitted."""
     while True:
         try:
@@ -253,9 +254,10 @@ def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int
                 part_label = label
                 if label and group < len(heads):
                     part_label = f"{label}, heads {i + 1}-{i + len(part)}"
-                results += physim.estimate_llc(model, criterion, data,
+                split = physim.FromBlock(model, min(l for l, _ in part))     # blocks before: once per minibatch
+                results += physim.estimate_llc(split, criterion, data,
                                                [physim.head_parameters(model, l, h) for l, h in part], cfg,
-                                               label=part_label)
+                                               label=part_label, prefix=split.prefix)
             return results, group
         except torch.OutOfMemoryError:     # a GPU's allocator says so; a CPU out of memory is killed instead
             physim._require(group > 1, "out of device memory estimating the LLC of a single head: lower "
@@ -1064,6 +1066,7 @@ class MHABaseline(torch.nn.Module):
 
 
 TINY_MLP_STEPS = 2000           # bench's tiny-MLP SGLD row: chain length (1000 burn-in + 1000 draws)
+SPLIT_HEAD_STEPS = 4            # bench's per-head row on the paper's model: chain length (all 4 averaged)
 
 
 def bench(device: str, out: str) -> list[dict]:
@@ -1079,6 +1082,8 @@ def bench(device: str, out: str) -> list[dict]:
       the same 8 chains one after another, at m = 8 and Table 1's m = 256;
     - estimate_llc on a tiny MLP (issue 13's comparison with peer libraries), one thread: the same,
       and the batched chains eager vs with a torch.compile'd step (compile time in the row's name).
+    - estimate_llc on one head of block 2 of the paper's model at m = 256, one thread: the whole model
+      vs FromBlock with its prefix.
     Writes out/bench.csv and returns its rows."""
     rows = []
 
@@ -1185,6 +1190,21 @@ def bench(device: str, out: str) -> list[dict]:
         compiled = wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=True), device, 1)
         row(f"SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64 (compiling took {first - compiled:.1f} s)",
             "chains batched by vmap", "the same, torch.compile'd step", cfg.chains * cfg.steps, batched, compiled)
+
+        # A head's LLC costs only what depends on it: a head of block 2 of the paper's model at Table 1's
+        # m = 256, 4 chains, the whole model against FromBlock with its prefix (the embedding and the
+        # blocks before, once per minibatch), in (head, chain) steps per second.
+        torch.manual_seed(0)
+        full = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
+        block = min(2, FULL.model.n_blocks - 1)
+        states = physim.simulate_states(FULL.sim, 2, seed=0, device=device)              # (2, T+1, N, 4)
+        data = physim.dataset_batches(states[:, :-1].flatten(0, 1), states[:, 1:].flatten(0, 1), 256)
+        cfg = LLCConfig(batch_size=256, steps=SPLIT_HEAD_STEPS, burn_in=SPLIT_HEAD_STEPS - 4, chains=4)
+        head, split = physim.head_parameters(full, block, 0), physim.FromBlock(full, block)
+        row(f"SGLD on one head of block {block}, paper's model, 4 chains, m=256", "the whole model",
+            f"FromBlock({block}) + prefix", cfg.chains * cfg.steps,
+            wall_time(lambda: physim.estimate_llc(full, mse, data, head, cfg), device, 1),
+            wall_time(lambda: physim.estimate_llc(split, mse, data, head, cfg, prefix=split.prefix), device, 1))
     finally:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
