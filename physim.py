@@ -17,8 +17,8 @@ Every choice the paper leaves open is marked "free choice" at its line and liste
 """
 from __future__ import annotations
 
+import contextlib
 import csv
-import json
 import math
 import os
 import sys
@@ -655,6 +655,16 @@ def _fmt_time(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
+@contextlib.contextmanager
+def reading(path: str):
+    """Any failure to read or parse `path` inside becomes one ValueError that names the file."""
+    try:
+        yield
+    except Exception as e:                       # truncated JSON, a bad CSV field, a damaged zip, ...
+        raise ValueError(f"{path} is damaged or unreadable ({type(e).__name__}: {e}); restore or delete "
+                         "it and re-run") from None
+
+
 def _atomic_write(path: str, write) -> None:
     """Write via a temporary file and rename, so an interruption never leaves half a file."""
     tmp = path + ".tmp"
@@ -690,7 +700,8 @@ def save_weights(path: str, model: nn.Module, step: int, configs: dict) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """A checkpoint or a weights file (weights_only=True: no code is unpickled)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    with reading(path):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def model_from_checkpoint(ckpt: dict, device=None) -> ParticleTransformer:
@@ -708,10 +719,29 @@ def weights_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "weights", f"step_{step:07d}.pt")
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
+def saved_checkpoints(run_dir: str) -> list[str]:
+    """The full checkpoints of a run, newest first (training keeps the latest two)."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     names = sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
-    return os.path.join(ckpt_dir, names[-1]) if names else None
+    return [os.path.join(ckpt_dir, n) for n in reversed(names)]
+
+
+def load_latest_checkpoint(run_dir: str) -> dict | None:
+    """The newest readable full checkpoint of a run (None if it has none). A damaged one (a disk that
+    filled up, a copy cut short) gets one warning line naming it, and the one before it is used."""
+    paths, damaged = saved_checkpoints(run_dir), []
+    for path in paths:
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as e:
+            damaged.append(str(e))
+            continue
+        for message in damaged:
+            print(f"warning: {message}; resuming from {path}", file=sys.stderr)
+        return ckpt
+    _require(not paths, f"no checkpoint of {run_dir} can be read ({', '.join(paths)}): delete the folder's "
+                        "checkpoints to retrain the run from the start")
+    return None
 
 
 @torch.no_grad()
@@ -747,6 +777,15 @@ def _compiled(fn, *example):
         return fn
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (or a signal turned into one) at `step`; its checkpoints are intact
+    (they are written atomically), so calling train again resumes from the latest."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
 def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
           data_cfg: DataConfig, device="cpu", stop_at: int | None = None, label: str | None = "train",
           keep_weights=None, compile_model: bool = False):
@@ -772,10 +811,9 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)  # Table 2
     history = {"metrics": [], "losses": []}
     start = 0
-    resume = latest_checkpoint(run_dir)
+    ckpt = load_latest_checkpoint(run_dir)   # on the CPU: the RNG state must be there, and so must Adam's
+    resume = ckpt is not None                # step counts (on a GPU they would cost a host sync every step)
     if resume:
-        ckpt = load_checkpoint(resume)   # on the CPU: the RNG state must be there, and so must Adam's step
-                                         # counts (on a GPU they would cost a host sync every step)
         _require(ckpt["configs"] == configs,
                  f"{run_dir} holds a run with a different configuration; choose another output folder")
         model.load_state_dict(ckpt["model"])
@@ -797,45 +835,48 @@ def train(run_dir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Train
     loss_sum, loss_count = torch.zeros((), device=device), 0
     model.train()
     forward = None                               # the module that computes the training loss, set on step 1
-    for step in range(start, train_cfg.steps + 1):
-        if step == schedule[0] and not (resume and step == start):
+    step = start
+    try:
+        for step in range(start, train_cfg.steps + 1):
+            if step == schedule[0] and not (resume and step == start):
+                started = time.perf_counter()
+                schedule.pop(0)
+                metrics = head_metrics(model, heldout_x, heldout_y, resamples)
+                table = {k: v.tolist() for k, v in metrics.items() if k != "heldout_loss"}   # one copy to the host
+                history["metrics"] += [
+                    {"step": step, "layer": l, "head": h, **{k: v[l][h] for k, v in table.items()}}
+                    for l in range(model_cfg.n_blocks) for h in range(model_cfg.n_heads)]
+                history["losses"].append({"step": step, "train_loss": float(loss_sum) / max(loss_count, 1)
+                                          if loss_count else float("nan"), "heldout_loss": metrics["heldout_loss"]})
+                loss_sum, loss_count = torch.zeros((), device=device), 0
+                history["work_seconds"] = {k: spent.get(k, 0.0) + clock.seconds.get(k, 0.0) for k in {*spent, *clock.seconds}}
+                save_checkpoint(checkpoint_path(run_dir, step), model, optimizer, step, configs, history)
+                for path in saved_checkpoints(run_dir)[2:]:         # keep the latest two: one may be damaged
+                    os.remove(path)
+                if step in keep:
+                    save_weights(weights_path(run_dir, step), model, step, configs)
+                _write_csv(os.path.join(run_dir, "metrics.csv"), history["metrics"])
+                _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
+                clock.add("checkpoint", time.perf_counter() - started)
+                progress.update(step, f"held-out loss {metrics['heldout_loss']:.3g}, best collision score "
+                                      f"{max(max(row) for row in table['collision_score']):.2f}",
+                                force=step == train_cfg.steps, eta=eta(step))
+            elif step == schedule[0]:
+                schedule.pop(0)                     # the checkpoint we resumed from
+            if step == train_cfg.steps or step == stop_at:
+                break
             started = time.perf_counter()
-            schedule.pop(0)
-            metrics = head_metrics(model, heldout_x, heldout_y, resamples)
-            table = {k: v.tolist() for k, v in metrics.items() if k != "heldout_loss"}   # one copy to the host
-            history["metrics"] += [
-                {"step": step, "layer": l, "head": h, **{k: v[l][h] for k, v in table.items()}}
-                for l in range(model_cfg.n_blocks) for h in range(model_cfg.n_heads)]
-            history["losses"].append({"step": step, "train_loss": float(loss_sum) / max(loss_count, 1)
-                                      if loss_count else float("nan"), "heldout_loss": metrics["heldout_loss"]})
-            loss_sum, loss_count = torch.zeros((), device=device), 0
-            history["work_seconds"] = {k: spent.get(k, 0.0) + clock.seconds.get(k, 0.0) for k in {*spent, *clock.seconds}}
-            save_checkpoint(checkpoint_path(run_dir, step), model, optimizer, step, configs, history)
-            for name in os.listdir(os.path.join(run_dir, "checkpoints")):         # keep the latest only
-                if os.path.join(run_dir, "checkpoints", name) != checkpoint_path(run_dir, step):
-                    os.remove(os.path.join(run_dir, "checkpoints", name))
-            if step in keep:
-                save_weights(weights_path(run_dir, step), model, step, configs)
-            _write_csv(os.path.join(run_dir, "metrics.csv"), history["metrics"])
-            _write_csv(os.path.join(run_dir, "losses.csv"), history["losses"])
-            clock.add("checkpoint", time.perf_counter() - started)
-            progress.update(step, f"held-out loss {metrics['heldout_loss']:.3g}, best collision score "
-                                  f"{max(max(row) for row in table['collision_score']):.2f}",
-                            force=step == train_cfg.steps, eta=eta(step))
-        elif step == schedule[0]:
-            schedule.pop(0)                     # the checkpoint we resumed from
-        if step == train_cfg.steps or step == stop_at:
-            break
-        started = time.perf_counter()
-        x, y = stream.batch(step)
-        if step % stream.batches_per_chunk == 0:                          # this batch simulated a new chunk
-            clock.add("data chunk", time.perf_counter() - started)
-            started = time.perf_counter()
-        if forward is None:
-            forward = _compiled(model, x) if compile_model else model
-        loss_sum, loss_count = loss_sum + training_step(forward, optimizer, x, y), loss_count + 1
-        clock.add("step", time.perf_counter() - started)
-        progress.update(step + 1, eta=eta(step + 1))
+            x, y = stream.batch(step)
+            if step % stream.batches_per_chunk == 0:                          # this batch simulated a new chunk
+                clock.add("data chunk", time.perf_counter() - started)
+                started = time.perf_counter()
+            if forward is None:
+                forward = _compiled(model, x) if compile_model else model
+            loss_sum, loss_count = loss_sum + training_step(forward, optimizer, x, y), loss_count + 1
+            clock.add("step", time.perf_counter() - started)
+            progress.update(step + 1, eta=eta(step + 1))
+    except KeyboardInterrupt:                    # Ctrl-C (or a SIGTERM made one): say where, keep the checkpoint
+        raise Interrupted(step) from None
     return model.eval()
 
 

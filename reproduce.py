@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import textwrap
@@ -145,21 +147,34 @@ def preset_from_config(out: str) -> Preset:
     """The preset a results folder was made with (its config.json)."""
     path = os.path.join(out, "config.json")
     physim._require(os.path.exists(path), f"{out} holds no config.json: not a physim results folder")
-    with open(path) as f:
+    with physim.reading(path), open(path) as f:
         c = json.load(f)
-    return Preset(sim=SimConfig(**c["sim"]), model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
-                  data=DataConfig(**c["data"]), runs=c["runs"], rollout_states=c["rollout_states"],
-                  rollout_steps=c["rollout_steps"], llc=LLCConfig(**c["llc"]),
-                  llc_checkpoints=c["llc_checkpoints"], llc_heads=c["llc_heads"], llc_loss=c["llc_loss"])
+        return Preset(sim=SimConfig(**c["sim"]), model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
+                      data=DataConfig(**c["data"]), runs=c["runs"], rollout_states=c["rollout_states"],
+                      rollout_steps=c["rollout_steps"], llc=LLCConfig(**c["llc"]),
+                      llc_checkpoints=c["llc_checkpoints"], llc_heads=c["llc_heads"], llc_loss=c["llc_loss"])
 
 
 def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> None:
     """Record the wall time of a stage in out/timings.json, summed over interrupted and resumed calls
     (or replaced, for stages that are redone whole, like the report)."""
     path = os.path.join(out, "timings.json")
-    timings = json.load(open(path)) if os.path.exists(path) else {}
+    with physim.reading(path):
+        timings = json.load(open(path)) if os.path.exists(path) else {}
     timings[stage] = round(timings.get(stage, 0.0) * accumulate + seconds, 1)
     physim._atomic_write(path, lambda tmp: json.dump(timings, open(tmp, "w"), indent=1))
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run; `where` says at which step or stage."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt                # a scheduler's SIGTERM (Slurm sends it before killing): as Ctrl-C
 
 
 def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
@@ -175,9 +190,10 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
     config_path = os.path.join(out, "config.json")
     config = preset_config(preset)
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            physim._require(json.load(f) == config, f"{out} holds results of a different configuration; "
-                                                    "choose another --out")
+        with physim.reading(config_path), open(config_path) as f:
+            saved = json.load(f)
+        physim._require(saved == config, f"{out} holds results of a different configuration; "
+                                         "choose another --out")
     else:
         with open(config_path, "w") as f:
             json.dump(config, f, indent=1)
@@ -187,9 +203,13 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
         # Disk: weights are kept (in half precision) only where the LLC reads them, and at the end.
         keep = llc_steps(physim.checkpoint_steps(train_cfg), preset.llc_checkpoints) + [train_cfg.steps]
         t = time.time()
-        model = physim.train(rdir, preset.sim, preset.model, train_cfg, preset.data, device,
-                             label=f"run {run + 1}/{preset.runs} training", keep_weights=keep,
-                             compile_model=compile_model)
+        try:
+            model = physim.train(rdir, preset.sim, preset.model, train_cfg, preset.data, device,
+                                 label=f"run {run + 1}/{preset.runs} training", keep_weights=keep,
+                                 compile_model=compile_model)
+        except physim.Interrupted as e:
+            add_time(out, f"run{run} training", time.time() - t)
+            raise RunInterrupted(f"at step {e.step} of run {run}") from None
         add_time(out, f"run{run} training", time.time() - t)
         sim_path = os.path.join(rdir, "simulator.json")
         if not os.path.exists(sim_path):
@@ -200,7 +220,11 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
             physim._atomic_write(sim_path, lambda tmp: json.dump(result, open(tmp, "w")))
             add_time(out, f"run{run} rollout", time.time() - t)
         t = time.time()
-        run_llc(preset, rdir, device, label=f"run {run + 1}/{preset.runs}")
+        try:
+            run_llc(preset, rdir, device, label=f"run {run + 1}/{preset.runs}")   # each estimate saved as it ends
+        except KeyboardInterrupt:
+            add_time(out, f"run{run} LLC", time.time() - t)
+            raise RunInterrupted(f"in the LLC stage of run {run}") from None
         add_time(out, f"run{run} LLC", time.time() - t)
     summary = write_report(out, device)
     summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
@@ -300,7 +324,8 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
         physim._atomic_write(path, lambda tmp: json.dump(record, open(tmp, "w")))
     rows = []
     for step in chosen:
-        with open(os.path.join(llc_dir, f"step_{step:07d}.json")) as f:
+        path = os.path.join(llc_dir, f"step_{step:07d}.json")
+        with physim.reading(path), open(path) as f:
             for r in json.load(f)["heads"]:
                 rows.append({"step": step, "layer": r["layer"], "head": r["head"], "llc": r["llc"],
                              "llc_stderr": r["llc_stderr"], "healthy_chains": r["health"].count("healthy"),
@@ -395,19 +420,33 @@ class Metrics(NamedTuple):
     corr_se: np.ndarray
 
 
+def read_csv_rows(path: str) -> list[dict]:
+    """The rows of a CSV physim wrote. A file cut short (it ends mid-row) or a row with missing or extra
+    fields is damage, and the error names the file."""
+    with physim.reading(path), open(path, newline="") as f:
+        text = f.read()
+        if not text.endswith("\n"):
+            raise ValueError("it ends mid-row: the file was cut short")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if any(None in r or None in r.values() for r in rows):
+            raise ValueError("a row has missing or extra fields")
+    return rows
+
+
 def read_metrics(rdir: str) -> Metrics:
-    with open(os.path.join(rdir, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    steps = sorted({int(r["step"]) for r in rows})
-    L = 1 + max(int(r["layer"]) for r in rows)
-    H = 1 + max(int(r["head"]) for r in rows)
-    columns = ("collision_score", "collision_score_se", "correlation", "correlation_se")
-    values = {c: np.zeros((len(steps), L, H)) for c in columns}
-    index = {s: i for i, s in enumerate(steps)}
-    for r in rows:
-        for c in columns:
-            values[c][index[int(r["step"])], int(r["layer"]), int(r["head"])] = float(r[c])
-    return Metrics(np.array(steps), *values.values())
+    path = os.path.join(rdir, "metrics.csv")
+    rows = read_csv_rows(path)
+    with physim.reading(path):
+        steps = sorted({int(r["step"]) for r in rows})
+        L = 1 + max(int(r["layer"]) for r in rows)
+        H = 1 + max(int(r["head"]) for r in rows)
+        columns = ("collision_score", "collision_score_se", "correlation", "correlation_se")
+        values = {c: np.zeros((len(steps), L, H)) for c in columns}
+        index = {s: i for i, s in enumerate(steps)}
+        for r in rows:
+            for c in columns:
+                values[c][index[int(r["step"])], int(r["layer"]), int(r["head"])] = float(r[c])
+        return Metrics(np.array(steps), *values.values())
 
 
 def finished_runs(out: str, preset: Preset) -> list[int]:
@@ -438,7 +477,7 @@ def write_report(out: str, device: str) -> dict:
                                    "correlation_se": round(float(m.corr_se[-1, l, h]), 4),
                                    "class": physim.head_class(m.score[-1, l, h])})
         plot_correlations(m, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
-        latest = physim.load_checkpoint(physim.latest_checkpoint(run_dir(out, run)))
+        latest = physim.load_latest_checkpoint(run_dir(out, run))
         work[run] = {k: round(v, 1) for k, v in latest["history"].get("work_seconds", {}).items()}
         model = physim.model_from_checkpoint(latest, device)
         plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
@@ -463,7 +502,7 @@ def write_report(out: str, device: str) -> dict:
     for run in runs:
         plot_power_laws([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"power_laws_run{run}.png"))
     plot_exponents(table5, os.path.join(fig_dir, "exponents.png"))
-    sims = {r: json.load(open(os.path.join(run_dir(out, r), "simulator.json"))) for r in runs}
+    sims = {r: read_simulator(out, r) for r in runs}
     claims = check_claims(heads, llc_rows, sims, runs)
     with open(os.path.join(out, "claims.json"), "w") as f:
         json.dump(claims, f, indent=1)
@@ -690,16 +729,16 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
     on a second axis the LLC, each estimate (mean of all chains ± standard error; hollow where a chain
     is unhealthy) and their smoothed curve (B.2); and its SGLD trace plots (loss vs step for every
     chain, burn-in and L(w0) marked, unhealthy chains in red)."""
-    with open(os.path.join(rdir, "llc.csv")) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for key in ("step", "layer", "head", "healthy_chains", "chains"):
-            r[key] = int(r[key])
+    rows = read_csv_rows(os.path.join(rdir, "llc.csv"))
+    with physim.reading(os.path.join(rdir, "llc.csv")):
+        for r in rows:
+            for key in ("step", "layer", "head", "healthy_chains", "chains"):
+                r[key] = int(r[key])
     records = {}
     for name in sorted(os.listdir(os.path.join(rdir, "llc"))):
-        with open(os.path.join(rdir, "llc", name)) as f:
+        with physim.reading(os.path.join(rdir, "llc", name)), open(os.path.join(rdir, "llc", name)) as f:
             record = json.load(f)
-        records[record["step"]] = record
+            records[record["step"]] = record
     t = m.steps > 0
     for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
         mine = [r for r in rows if (r["layer"], r["head"]) == (l, h)]
@@ -749,12 +788,18 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
     return rows
 
 
+def read_simulator(out: str, run: int) -> dict:
+    """A run's rollout record (simulator.json)."""
+    path = os.path.join(run_dir(out, run), "simulator.json")
+    with physim.reading(path), open(path) as f:
+        return json.load(f)
+
+
 def plot_energy(out: str, runs: list[int], preset: Preset, path: str) -> None:
     """Fig. 7: mean total energy along a rollout of each trained model and of the ground truth."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        with open(os.path.join(run_dir(out, run), "simulator.json")) as f:
-            result = json.load(f)
+        result = read_simulator(out, run)
         if run == runs[0]:
             ax.plot(result["energy_true"], color="black", lw=2, label="ground truth")
         ax.plot(result["energy_model"], lw=1, label=f"model, run {run}")
@@ -770,11 +815,13 @@ def plot_energy(out: str, runs: list[int], preset: Preset, path: str) -> None:
 def plot_losses(out: str, runs: list[int], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        with open(os.path.join(run_dir(out, run), "losses.csv")) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) > 0]
-        steps = [int(r["step"]) for r in rows]
-        ax.loglog(steps, [float(r["train_loss"]) for r in rows], lw=0.8, label=f"train (mean since last checkpoint), run {run}")
-        ax.loglog(steps, [float(r["heldout_loss"]) for r in rows], lw=1.5, label=f"held out, run {run}")
+        losses = os.path.join(run_dir(out, run), "losses.csv")
+        with physim.reading(losses):
+            rows = [r for r in read_csv_rows(losses) if int(r["step"]) > 0]
+            steps, train, heldout = ([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows],
+                                     [float(r["heldout_loss"]) for r in rows])
+        ax.loglog(steps, train, lw=0.8, label=f"train (mean since last checkpoint), run {run}")
+        ax.loglog(steps, heldout, lw=1.5, label=f"held out, run {run}")
     ax.set(xlabel="training step", ylabel="next-state MSE")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -920,7 +967,9 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
                    summary) -> None:
     """REPORT.md: configuration, wall times, head classes, Table 5, the claims, the LLC and the
     simulator, with every figure inline and the paper's numbers beside ours."""
-    timings = json.load(open(os.path.join(out, "timings.json"))) if os.path.exists(os.path.join(out, "timings.json")) else {}
+    path = os.path.join(out, "timings.json")
+    with physim.reading(path):
+        timings = json.load(open(path)) if os.path.exists(path) else {}
     full = preset_config(FULL)
     ours = preset_config(preset)
     config_rows = [{"setting": f"{group}.{k}", "ours": v, "paper": full[group][k]}
@@ -1352,7 +1401,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     preset = FULL if args.full else SCALED
     out = args.out or os.path.join("runs", "bench" if args.command == "bench" else "full" if args.full else "scaled")
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
+        physim._require(not os.path.exists(out) or os.path.isdir(out),
+                        f"--out {out} is a file, not a folder: name a folder for the results")
+        unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--report"],
+                  "calibrate": ["--runs", "--compile", "--report"]}[args.command]
+        given = [flag for flag in unused if getattr(args, flag[2:]) not in (None, False)]
+        physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
         device = resolve_device(args.device)
         t0 = time.time()
         if args.report:
@@ -1379,6 +1435,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        where = f" {e.where}" if isinstance(e, RunInterrupted) else ""
+        print(f"interrupted{where}; re-run the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(f"done in {time.time() - t0:.0f} s on {device}: {summary['true_collision_heads']} of "
           f"{summary['heads']} heads end with collision score >= {TRUE_HEAD}, {summary['heads_below_0.2']} "
           f"below 0.2; best head {summary['best_head']}. Results in {out}/")

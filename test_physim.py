@@ -26,9 +26,11 @@ Physics tests run in float64 (fixture `float64`); everything uses tiny configs s
 about 3 minutes on two CPU cores.
 """
 import csv
+import glob
 import json
 import math
 import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -118,7 +120,7 @@ def test_training_uses_adam_at_the_configured_rate(trained_run):
     # Proves train() steps with Table 2's optimiser: Adam (second moments, no decoupled decay, no
     # AMSGrad) at TrainConfig's lr and weight decay, as its checkpoint records.
     run_dir, _ = trained_run
-    optimizer = P.load_checkpoint(P.latest_checkpoint(run_dir))["optimizer"]
+    optimizer = P.load_latest_checkpoint(run_dir)["optimizer"]
     group = optimizer["param_groups"][0]
     assert group["lr"] == TRAIN_CFG.lr and group["weight_decay"] == TRAIN_CFG.weight_decay == 0.0
     assert not group["decoupled_weight_decay"] and not group["amsgrad"]
@@ -772,19 +774,30 @@ def test_compile_falls_back_to_eager_where_it_fails(tmp_path, monkeypatch, capsy
         assert torch.equal(a, b)
 
 
-def test_interrupted_run_resumes_bit_identically(trained_run, tmp_path):
+def test_interrupted_run_resumes_bit_identically(trained_run, tmp_path, capsys):
     # Proves an interrupted run (stop_at a checkpoint, then a second call) ends in exactly the same
-    # weights and CSVs as the uninterrupted run, and that resuming under another config is refused.
+    # weights and CSVs as the uninterrupted run, also when its latest checkpoint is damaged (the one
+    # before is kept for that), that no readable checkpoint is one clear error, and that resuming
+    # under another config is refused.
     run_dir, model = trained_run
     resumed_dir = str(tmp_path / "resumed")
     stop = P.checkpoint_steps(TRAIN_CFG)[3]
     assert 0 < stop < TRAIN_CFG.steps
 
     P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, TRAIN_CFG, TRAIN_DATA, stop_at=stop)
-    assert P.latest_checkpoint(resumed_dir) == P.checkpoint_path(resumed_dir, stop)
+    previous = P.checkpoint_steps(TRAIN_CFG)[2]
+    assert P.saved_checkpoints(resumed_dir) == [P.checkpoint_path(resumed_dir, s) for s in (stop, previous)]
     assert max(int(r["step"]) for r in read_csv(os.path.join(resumed_dir, "metrics.csv"))) == stop
+    # A damaged latest checkpoint (a disk filled while copying) costs one warning naming it: the run
+    # resumes from the previous one and still ends bit-identical.
+    latest = P.checkpoint_path(resumed_dir, stop)
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 2)
+    capsys.readouterr()
 
     resumed = P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, TRAIN_CFG, TRAIN_DATA)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and latest in warned[0] and "damaged" in warned[0], warned
     expected, got = model.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
     for name in expected:
@@ -796,13 +809,17 @@ def test_interrupted_run_resumes_bit_identically(trained_run, tmp_path):
     other = P.TrainConfig(steps=100, batch_size=8, lr=2e-3, log_checkpoints=4, even_checkpoints=2)
     with pytest.raises(ValueError, match="different configuration"):
         P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, other, TRAIN_DATA)
+    for path in P.saved_checkpoints(resumed_dir):
+        open(path, "wb").close()                                             # both empty
+    with pytest.raises(ValueError, match="no checkpoint of .* can be read"):
+        P.train(resumed_dir, TRAIN_SIM, TINY_MODEL, TRAIN_CFG, TRAIN_DATA)
 
 
 def test_checkpoints_load_weights_only_and_rebuild_the_model(trained_run):
     # Proves a checkpoint loads with weights_only=True and model_from_checkpoint rebuilds the exact
     # trained model (same outputs as the model train returned).
     run_dir, model = trained_run
-    path = P.latest_checkpoint(run_dir)
+    path = P.saved_checkpoints(run_dir)[0]
     assert path == P.checkpoint_path(run_dir, TRAIN_CFG.steps)
     torch.load(path, weights_only=True)                              # raises if anything is unsafe
     ckpt = P.load_checkpoint(path)
@@ -1559,6 +1576,105 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert R.main(["--report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]
+
+
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory):
+    """A finished run of the tiny preset (as `python reproduce.py` with R.SCALED = it), for the tests
+    that damage its files or interrupt it."""
+    import reproduce as R
+    preset = R.Preset(runs=1, llc_heads=1, **TINY_PRESET_ARGS)
+    out = str(tmp_path_factory.mktemp("finished") / "out")
+    R.reproduce(preset, out, "cpu")
+    return preset, out
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _last_line(capsys) -> str:
+    """The last line on stderr, after the progress lines of a run; and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["config.json", "timings.json", "run0/metrics.csv", "run0/losses.csv",
+                                  "run0/llc.csv", "run0/simulator.json", "run0/checkpoints"])
+def test_a_damaged_file_is_one_error_line_naming_it(finished_tiny_run, tmp_path, capsys, name):
+    # Proves every file --report reads back, when damaged (cut in half, as by a full disk), ends the
+    # call with one "error:" line that names it, exit code 2, no traceback. (A damaged latest checkpoint
+    # alone is recovered from: test_interrupted_run_resumes_bit_identically; here both are damaged.)
+    import reproduce as R
+    out = str(tmp_path / "out")
+    shutil.copytree(finished_tiny_run[1], out)
+    paths = sorted(glob.glob(os.path.join(out, name, "*.pt"))) or [os.path.join(out, name)]
+    for path in paths:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    assert R.main(["--report", out, "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error:") and os.path.join(out, name) in line, line
+
+
+def test_bad_output_folders_and_unused_flags_are_one_error_line(tmp_path, capsys):
+    # Proves an --out that is a file, and flags a command does not use, end with one line and exit 2.
+    import reproduce as R
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert R.main(["--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in _one_error_line(capsys)
+    for argv, flag in ((["bench", "--runs", "0"], "--runs"), (["bench", "--full"], "--full"),
+                       (["calibrate", "--compile"], "--compile")):
+        assert R.main(argv + ["--out", str(tmp_path / "x")]) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith("error:") and f"does not use {flag}" in line, line
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stop_with_one_line_and_the_run_resumes(finished_tiny_run, tmp_path, capsys,
+                                                                   monkeypatch, how):
+    # Proves Ctrl-C (KeyboardInterrupt) or a scheduler's SIGTERM during training prints one line
+    # naming the step and run, exits 130, and that re-running the same command ends with the numbers
+    # of an uninterrupted run; the same in the LLC stage.
+    import signal
+    import reproduce as R
+    preset, done = finished_tiny_run
+    monkeypatch.setattr(R, "SCALED", preset)
+    out = str(tmp_path / "out")
+    step, calls = P.training_step, []
+
+    def interrupted_at_7(*a, **k):
+        calls.append(1)
+        if len(calls) == 8:                                  # during step 7 (steps count from 0)
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*a, **k)
+    monkeypatch.setattr(P, "training_step", interrupted_at_7)
+    capsys.readouterr()
+    assert R.main(["--out", out, "--device", "cpu"]) == 130
+    assert _last_line(capsys) == "interrupted at step 7 of run 0; re-run the same command to resume"
+    monkeypatch.setattr(P, "training_step", step)
+    estimate, estimates = P.estimate_llc, []
+
+    def interrupted_llc(*a, **k):
+        estimates.append(1)
+        if len(estimates) == 2:
+            raise KeyboardInterrupt
+        return estimate(*a, **k)
+    monkeypatch.setattr(P, "estimate_llc", interrupted_llc)
+    assert R.main(["--out", out, "--device", "cpu"]) == 130
+    assert _last_line(capsys) == "interrupted in the LLC stage of run 0; re-run the same command to resume"
+    monkeypatch.setattr(P, "estimate_llc", estimate)
+    assert R.main(["--out", out, "--device", "cpu"]) == 0
+    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
+        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
+            assert f1.read() == f2.read(), name
 
 
 def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, monkeypatch, capsys):
