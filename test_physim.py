@@ -735,8 +735,11 @@ def test_short_training_lowers_loss_and_writes_csvs(trained_run):
         assert float(row["collision_score_se"]) >= 0 and float(row["correlation_se"]) >= 0
     assert max(float(row["correlation_se"]) for row in metrics) > 0
 
-    # disk: one full checkpoint (the latest), and half-precision weights at every checkpoint step
-    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [os.path.basename(P.checkpoint_path(run_dir, schedule[-1]))]
+    # disk: two full checkpoints (the latest and the one before), and half-precision weights at every
+    # checkpoint step
+    assert P.saved_checkpoints(run_dir) == [P.checkpoint_path(run_dir, s) for s in (schedule[-1], schedule[-2])]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == \
+        sorted(os.path.basename(P.checkpoint_path(run_dir, s)) for s in schedule[-2:])
     for step in schedule:
         weights = P.load_checkpoint(P.weights_path(run_dir, step))
         assert weights["step"] == step and all(v.dtype == torch.float16 for v in weights["model"].values())
@@ -1672,6 +1675,62 @@ def test_ctrl_c_or_sigterm_stop_with_one_line_and_the_run_resumes(finished_tiny_
     assert _last_line(capsys) == "interrupted in the LLC stage of run 0; re-run the same command to resume"
     monkeypatch.setattr(P, "estimate_llc", estimate)
     assert R.main(["--out", out, "--device", "cpu"]) == 0
+    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
+        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
+            assert f1.read() == f2.read(), name
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import physim as P, reproduce as R, test_physim as T
+R.SCALED = R.Preset(runs=1, llc_heads=1, **T.TINY_PRESET_ARGS)
+where, calls = os.environ.get("KILL_AT"), []
+
+def die(original, n):                        # kill -9 ourselves on the n-th call
+    def call(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*a, **k)
+    return call
+
+def cut_short(path, write):                  # killed while writing the 4th checkpoint: half a file
+    if path.endswith(".pt") and "checkpoints" in path and len(calls) == 3:
+        write(path + ".tmp")
+        with open(path + ".tmp", "r+b") as f:
+            f.truncate(os.path.getsize(path + ".tmp") // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if path.endswith(".pt") and "checkpoints" in path:
+        calls.append(1)
+    return write_atomically(path, write)
+
+if where == "training":
+    P.training_step = die(P.training_step, 8)
+elif where == "checkpoint write":
+    write_atomically, P._atomic_write = P._atomic_write, cut_short
+elif where == "LLC":
+    P.estimate_llc = die(P.estimate_llc, 2)
+sys.exit(R.main(["--out", sys.argv[1], "--device", "cpu"]))
+"""
+
+
+@pytest.mark.parametrize("where", ["training", "checkpoint write", "LLC"])
+def test_kill_9_at_any_moment_leaves_a_folder_that_resumes(finished_tiny_run, tmp_path, where):
+    # Proves a real `reproduce.py` process killed with SIGKILL (no handler runs) during training,
+    # in the middle of writing a checkpoint, or during the LLC stage leaves a folder from which the
+    # same command resumes and ends with the files of an uninterrupted run.
+    import subprocess
+    import sys
+    _, done = finished_tiny_run
+    out = str(tmp_path / "out")
+    script = KILLED_RUN.format(repo=os.path.dirname(os.path.abspath(__file__)))
+    killed = subprocess.run([sys.executable, "-c", script, out], env={**os.environ, "KILL_AT": where},
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "-c", script, out], env={**os.environ, "KILL_AT": ""},
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
         with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
             assert f1.read() == f2.read(), name
