@@ -1437,7 +1437,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         where = f" {e.where}" if isinstance(e, RunInterrupted) else ""
-        print(f"interrupted{where}; re-run the same command to resume", file=sys.stderr)
+        print(f"\ninterrupted{where}; re-run the same command to resume", file=sys.stderr)   # below the progress line
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
