@@ -177,15 +177,8 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt                # a scheduler's SIGTERM (Slurm sends it before killing): as Ctrl-C
 
 
-def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
-              compile_model: bool = False) -> dict:
-    """Train the runs (default: all of the preset's), roll each model out, estimate LLCs, then draw
-    the figures and write the tables and REPORT.md over every finished run in `out`. Separate
-    calls with different `runs` (one per GPU or scheduler task) can share one `out`."""
-    t0 = time.time()
-    runs = list(range(preset.runs)) if runs is None else runs
-    for run in runs:
-        physim._require(0 <= run < preset.runs, f"run {run} does not exist: this preset has runs 0-{preset.runs - 1}")
+def check_config(preset: Preset, out: str) -> None:
+    """Make `out` the preset's folder: write its config.json, or check the one there is the preset's."""
     os.makedirs(out, exist_ok=True)
     config_path = os.path.join(out, "config.json")
     config = preset_config(preset)
@@ -197,6 +190,18 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
     else:
         with open(config_path, "w") as f:
             json.dump(config, f, indent=1)
+
+
+def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
+              compile_model: bool = False) -> dict:
+    """Train the runs (default: all of the preset's), roll each model out, estimate LLCs, then draw
+    the figures and write the tables and REPORT.md over every finished run in `out`. Separate
+    calls with different `runs` (one per GPU or scheduler task) can share one `out`."""
+    t0 = time.time()
+    runs = list(range(preset.runs)) if runs is None else runs
+    for run in runs:
+        physim._require(0 <= run < preset.runs, f"run {run} does not exist: this preset has runs 0-{preset.runs - 1}")
+    check_config(preset, out)
     for run in runs:
         rdir = run_dir(out, run)
         train_cfg = TrainConfig(**{**asdict(preset.train), "seed": run})
@@ -293,23 +298,27 @@ def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int
         print(f"\n{label or 'LLC'}: out of device memory; retrying with {group} heads batched", file=sys.stderr)
 
 
-def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
+def llc_path(rdir: str, step: int) -> str:
+    return os.path.join(rdir, "llc", f"step_{step:07d}.json")
+
+
+def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int] | None = None) -> None:
     """The parameter-restricted LLC (Appendix B) of the chosen heads at checkpoints spread over
     training, all heads x chains batched per SGLD step (in smaller groups of heads where they do not
     fit in the device's memory). One JSON per checkpoint under rdir/llc/ (with
     each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
-    <= 500 points for plotting), collected in rdir/llc.csv."""
+    <= 500 points for plotting), written as it finishes and skipped when it exists; collected in
+    rdir/llc.csv once every checkpoint has one. `steps`: only these of the checkpoints (a shard)."""
     m = read_metrics(rdir)
     heads = llc_heads(m.score[-1], preset.llc_heads)
-    llc_dir = os.path.join(rdir, "llc")
-    os.makedirs(llc_dir, exist_ok=True)
+    os.makedirs(os.path.join(rdir, "llc"), exist_ok=True)
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
                                     preset.llc.batch_size, device)
     chosen = llc_steps(m.steps, preset.llc_checkpoints)
     group = len(heads)
     for i, step in enumerate(chosen):
-        path = os.path.join(llc_dir, f"step_{step:07d}.json")
-        if os.path.exists(path):
+        path = llc_path(rdir, step)
+        if os.path.exists(path) or (steps is not None and step not in steps):
             continue
         model = physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
         t0 = time.time()
@@ -322,9 +331,15 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
              "trace": paired_trace(r, thin).tolist()}
             for (l, h), r in zip(heads, results)]}
         physim._atomic_write(path, lambda tmp: json.dump(record, open(tmp, "w")))
+    if all(os.path.exists(llc_path(rdir, step)) for step in chosen):
+        collect_llc(rdir, chosen)
+
+
+def collect_llc(rdir: str, chosen: list[int]) -> None:
+    """rdir/llc.csv from the JSON of every LLC checkpoint: one row per (checkpoint, head)."""
     rows = []
     for step in chosen:
-        path = os.path.join(llc_dir, f"step_{step:07d}.json")
+        path = llc_path(rdir, step)
         with physim.reading(path), open(path) as f:
             for r in json.load(f)["heads"]:
                 rows.append({"step": step, "layer": r["layer"], "head": r["head"], "llc": r["llc"],
@@ -332,6 +347,22 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str) -> None:
                              "chains": len(r["health"]),
                              "unhealthy": "; ".join(f"chain {c}: {h}" for c, h in enumerate(r["health"]) if h != "healthy")})
     physim._write_csv(os.path.join(rdir, "llc.csv"), rows)
+
+
+def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) -> int:
+    """`--llc-shard shard/shards`: the LLC estimates of the (run, checkpoint) pairs numbered shard,
+    shard + shards, ... (from 1) over the runs whose training and rollout are done, so that many calls
+    (jobs) into one folder share the LLC stage; an estimate that exists is skipped. The call that
+    completes a run's estimates writes its llc.csv; `--report` then reports every complete run.
+    Returns how many estimates this shard holds."""
+    check_config(preset, out)
+    trained = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "simulator.json"))]
+    pairs = [(r, step) for r in trained for step in llc_steps(read_metrics(run_dir(out, r)).steps, preset.llc_checkpoints)]
+    mine = pairs[shard - 1::shards]
+    for r in sorted({r for r, _ in mine}):
+        run_llc(preset, run_dir(out, r), device, label=f"shard {shard}/{shards}, run {r}",
+                steps=[step for q, step in mine if q == r])
+    return len(mine)
 
 
 CALIBRATION_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)   # calibrate probes ε = the preset's ε times these ...
@@ -1386,6 +1417,10 @@ def parse_args(argv):
     parser.add_argument("--runs", default=None, metavar="LIST",
                         help="comma-separated run numbers to do in this call, e.g. 0,3 (default: all); "
                              "calls for different runs can share one --out, e.g. one per GPU or Slurm task")
+    parser.add_argument("--llc-shard", default=None, metavar="I/N",
+                        help="only the LLC estimates of shard I of N (e.g. 3/16) over the (run, checkpoint) "
+                             "pairs of the runs already trained in --out; many such calls (jobs) can share "
+                             "one --out, and --report then merges what is there")
     parser.add_argument("--compile", action="store_true",
                         help="train a torch.compile'd model (falls back to eager where compiling fails)")
     parser.add_argument("--report", metavar="DIR", default=None,
@@ -1405,9 +1440,9 @@ def main(argv=None) -> int:
     try:
         physim._require(not os.path.exists(out) or os.path.isdir(out),
                         f"--out {out} is a file, not a folder: name a folder for the results")
-        unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--report"],
-                  "calibrate": ["--runs", "--compile", "--report"]}[args.command]
-        given = [flag for flag in unused if getattr(args, flag[2:]) not in (None, False)]
+        unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--report", "--llc-shard"],
+                  "calibrate": ["--runs", "--compile", "--report", "--llc-shard"]}[args.command]
+        given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
         device = resolve_device(args.device)
         t0 = time.time()
@@ -1424,6 +1459,17 @@ def main(argv=None) -> int:
             return 0
         if args.command == "calibrate":
             print(calibrate(out, device).statement)
+            return 0
+        if args.llc_shard is not None:
+            try:
+                shard, shards = (int(k) for k in args.llc_shard.split("/"))
+            except ValueError:
+                raise ValueError(f"--llc-shard wants I/N such as 3/16, got {args.llc_shard!r}") from None
+            physim._require(1 <= shard <= shards, f"--llc-shard {args.llc_shard}: I must be 1 ... N")
+            physim._require(args.runs is None and not args.report, "--llc-shard takes no --runs or --report")
+            done = llc_shard(preset, out, device, shard, shards)
+            print(f"shard {shard}/{shards}: its {done} LLC estimates are in {out}; --report {out} reports "
+                  "every run whose estimates are all there")
             return 0
         runs = None
         if args.runs is not None:

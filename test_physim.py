@@ -1736,6 +1736,48 @@ def test_kill_9_at_any_moment_leaves_a_folder_that_resumes(finished_tiny_run, tm
             assert f1.read() == f2.read(), name
 
 
+def test_llc_shards_into_one_folder_equal_one_call_and_resume(finished_tiny_run, tmp_path, capsys, monkeypatch):
+    # Proves `--llc-shard I/N`: two shards into one trained folder make the LLC files of one call
+    # (every estimate and llc.csv), and a shard interrupted after its first estimate is not redone.
+    import reproduce as R
+    preset, done = finished_tiny_run                                   # 2 LLC checkpoints: 2 estimates
+    monkeypatch.setattr(R, "SCALED", preset)
+    out = str(tmp_path / "out")
+    shutil.copytree(done, out, ignore=shutil.ignore_patterns("llc", "llc.csv", "config.json"))
+    R.check_config(preset, out)
+    whole = str(tmp_path / "whole")
+    shutil.copytree(out, whole)
+    R.run_llc(preset, R.run_dir(whole, 0), "cpu", label=None)                # one call does them all
+    estimate, calls = P.estimate_llc, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if interrupt_at == len(calls):
+            raise KeyboardInterrupt
+        return estimate(*a, **k)
+    monkeypatch.setattr(P, "estimate_llc", counted)
+    interrupt_at = 2
+    assert R.main(["--llc-shard", "1/1", "--out", out, "--device", "cpu"]) == 130   # after its first estimate
+    assert len(os.listdir(os.path.join(out, "run0", "llc"))) == 1 and not os.path.exists(os.path.join(out, "run0", "llc.csv"))
+    interrupt_at, calls[:] = 0, []
+    assert R.main(["--llc-shard", "1/2", "--out", out, "--device", "cpu"]) == 0
+    assert len(calls) == 0                                              # its estimate was finished: not redone
+    assert not os.path.exists(os.path.join(out, "run0", "llc.csv"))     # shard 2's estimate is missing
+    assert R.main(["--llc-shard", "2/2", "--out", out, "--device", "cpu"]) == 0
+    assert len(calls) == 1
+    names = sorted(os.listdir(os.path.join(whole, "run0", "llc")))
+    assert sorted(os.listdir(os.path.join(out, "run0", "llc"))) == names and len(names) == 2
+    for name in names:
+        a, b = (json.load(open(os.path.join(d, "run0", "llc", name))) for d in (whole, out))
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert open(os.path.join(whole, "run0", "llc.csv")).read() == open(os.path.join(out, "run0", "llc.csv")).read()
+    assert R.main(["--report", out, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for bad in ("0/2", "3/2", "x"):
+        assert R.main(["--llc-shard", bad, "--out", out]) == 2
+        assert "--llc-shard" in _one_error_line(capsys)
+
+
 def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, monkeypatch, capsys):
     # Proves that where all heads batched run out of device memory, run_llc's estimates are made in
     # smaller groups of heads and come out the same; a single head that does not fit is one clear error.
