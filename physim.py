@@ -1101,8 +1101,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     same numbers whether it runs alone or batched with others.
 
     prefix     optional: the part of the network in front of `model` that holds no sampled parameter,
-               inputs -> the model's inputs (a tensor or a tuple), evaluated once per chain and minibatch
-               without gradients and shared by every subset and by L_m(w₀): the chains then run only
+               inputs -> the model's inputs (a tensor or a tuple), evaluated once per step on every
+               chain's minibatch, without gradients, and shared by every subset and by L_m(w₀): the chains run only
                model(*prefix(inputs)). For heads of the particle transformer: FromBlock.
     compile_step  run each step (the batched gradients, L_m(w₀) and the update of eq. (5)) through
                torch.compile: much faster on small models once compiled (seconds), equal to the eager

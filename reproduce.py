@@ -143,12 +143,20 @@ def preset_config(preset: Preset) -> dict:
             "llc_checkpoints": preset.llc_checkpoints, "llc_heads": preset.llc_heads, "llc_loss": preset.llc_loss}
 
 
+def read_json(path: str, default=None):
+    """A JSON file physim wrote (`default` where it does not exist); a damaged one names itself."""
+    if default is not None and not os.path.exists(path):
+        return default
+    with physim.reading(path), open(path) as f:
+        return json.load(f)
+
+
 def preset_from_config(out: str) -> Preset:
     """The preset a results folder was made with (its config.json)."""
     path = os.path.join(out, "config.json")
     physim._require(os.path.exists(path), f"{out} holds no config.json: not a physim results folder")
-    with physim.reading(path), open(path) as f:
-        c = json.load(f)
+    c = read_json(path)
+    with physim.reading(path):
         return Preset(sim=SimConfig(**c["sim"]), model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
                       data=DataConfig(**c["data"]), runs=c["runs"], rollout_states=c["rollout_states"],
                       rollout_steps=c["rollout_steps"], llc=LLCConfig(**c["llc"]),
@@ -159,8 +167,7 @@ def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> N
     """Record the wall time of a stage in out/timings.json, summed over interrupted and resumed calls
     (or replaced, for stages that are redone whole, like the report)."""
     path = os.path.join(out, "timings.json")
-    with physim.reading(path):
-        timings = json.load(open(path)) if os.path.exists(path) else {}
+    timings = read_json(path, default={})
     timings[stage] = round(timings.get(stage, 0.0) * accumulate + seconds, 1)
     physim._atomic_write(path, lambda tmp: json.dump(timings, open(tmp, "w"), indent=1))
 
@@ -183,9 +190,7 @@ def check_config(preset: Preset, out: str) -> None:
     config_path = os.path.join(out, "config.json")
     config = preset_config(preset)
     if os.path.exists(config_path):
-        with physim.reading(config_path), open(config_path) as f:
-            saved = json.load(f)
-        physim._require(saved == config, f"{out} holds results of a different configuration; "
+        physim._require(read_json(config_path) == config, f"{out} holds results of a different configuration; "
                                          "choose another --out")
     else:
         with open(config_path, "w") as f:
@@ -340,8 +345,8 @@ def collect_llc(rdir: str, chosen: list[int]) -> None:
     rows = []
     for step in chosen:
         path = llc_path(rdir, step)
-        with physim.reading(path), open(path) as f:
-            for r in json.load(f)["heads"]:
+        with physim.reading(path):
+            for r in read_json(path)["heads"]:
                 rows.append({"step": step, "layer": r["layer"], "head": r["head"], "llc": r["llc"],
                              "llc_stderr": r["llc_stderr"], "healthy_chains": r["health"].count("healthy"),
                              "chains": len(r["health"]),
@@ -533,7 +538,7 @@ def write_report(out: str, device: str) -> dict:
     for run in runs:
         plot_power_laws([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"power_laws_run{run}.png"))
     plot_exponents(table5, os.path.join(fig_dir, "exponents.png"))
-    sims = {r: read_simulator(out, r) for r in runs}
+    sims = {r: read_json(os.path.join(run_dir(out, r), "simulator.json")) for r in runs}
     claims = check_claims(heads, llc_rows, sims, runs)
     with open(os.path.join(out, "claims.json"), "w") as f:
         json.dump(claims, f, indent=1)
@@ -767,8 +772,8 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
                 r[key] = int(r[key])
     records = {}
     for name in sorted(os.listdir(os.path.join(rdir, "llc"))):
-        with physim.reading(os.path.join(rdir, "llc", name)), open(os.path.join(rdir, "llc", name)) as f:
-            record = json.load(f)
+        record = read_json(os.path.join(rdir, "llc", name))
+        with physim.reading(os.path.join(rdir, "llc", name)):
             records[record["step"]] = record
     t = m.steps > 0
     for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
@@ -819,18 +824,11 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
     return rows
 
 
-def read_simulator(out: str, run: int) -> dict:
-    """A run's rollout record (simulator.json)."""
-    path = os.path.join(run_dir(out, run), "simulator.json")
-    with physim.reading(path), open(path) as f:
-        return json.load(f)
-
-
 def plot_energy(out: str, runs: list[int], preset: Preset, path: str) -> None:
     """Fig. 7: mean total energy along a rollout of each trained model and of the ground truth."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        result = read_simulator(out, run)
+        result = read_json(os.path.join(run_dir(out, run), "simulator.json"))
         if run == runs[0]:
             ax.plot(result["energy_true"], color="black", lw=2, label="ground truth")
         ax.plot(result["energy_model"], lw=1, label=f"model, run {run}")
@@ -998,9 +996,7 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
                    summary) -> None:
     """REPORT.md: configuration, wall times, head classes, Table 5, the claims, the LLC and the
     simulator, with every figure inline and the paper's numbers beside ours."""
-    path = os.path.join(out, "timings.json")
-    with physim.reading(path):
-        timings = json.load(open(path)) if os.path.exists(path) else {}
+    timings = read_json(os.path.join(out, "timings.json"), default={})
     full = preset_config(FULL)
     ours = preset_config(preset)
     config_rows = [{"setting": f"{group}.{k}", "ours": v, "paper": full[group][k]}
@@ -1444,6 +1440,8 @@ def main(argv=None) -> int:
                   "calibrate": ["--runs", "--compile", "--report", "--llc-shard"]}[args.command]
         given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
+        physim._require(not (args.report and args.llc_shard), "--report and --llc-shard do not go together: "
+                                                               "run the shards, then --report")
         device = resolve_device(args.device)
         t0 = time.time()
         if args.report:
@@ -1466,7 +1464,7 @@ def main(argv=None) -> int:
             except ValueError:
                 raise ValueError(f"--llc-shard wants I/N such as 3/16, got {args.llc_shard!r}") from None
             physim._require(1 <= shard <= shards, f"--llc-shard {args.llc_shard}: I must be 1 ... N")
-            physim._require(args.runs is None and not args.report, "--llc-shard takes no --runs or --report")
+            physim._require(args.runs is None, "--llc-shard takes no --runs: a shard covers every trained run")
             done = llc_shard(preset, out, device, shard, shards)
             print(f"shard {shard}/{shards}: its {done} LLC estimates are in {out}; --report {out} reports "
                   "every run whose estimates are all there")
