@@ -1009,27 +1009,31 @@ LLC_LOSSES = {"sum": squared_error, "mean": F.mse_loss}   # the two conventions 
 
 
 def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, block: int = 256):
-    """Data source for estimate_llc from a fixed dataset: seed -> endless random minibatches
-    (drawn with replacement). Indices are drawn on the CPU (the same seed gives the same minibatches
-    on every device), `block` minibatches at a time: one host-to-device copy per block, not per step, and
-    the samples gathered for many minibatches at once."""
+    """Data source for estimate_llc from a fixed dataset: (seed, start) -> endless random minibatches
+    (drawn with replacement) from the start-th on. Indices are drawn on the CPU (the same seed gives the
+    same minibatches on every device), `block` minibatches at a time: one host-to-device copy per block,
+    not per step, and the samples gathered for many minibatches at once."""
     rows = max(1, 2 ** 22 // (batch_size * x[0].numel()))                     # ≤ 2^22 numbers of x per gather
 
-    def batches(seed: int):
+    def batches(seed: int, start: int = 0):
         g = torch.Generator().manual_seed(seed)
+        for _ in range(start // block):                                          # the blocks before start
+            torch.randint(len(x), (block, batch_size), generator=g)
+        skip = start % block
         while True:
-            idx = torch.randint(len(x), (block, batch_size), generator=g).to(x.device)      # (block, m)
+            idx = torch.randint(len(x), (block, batch_size), generator=g)[skip:].to(x.device)  # (block, m)
+            skip = 0
             for part in idx.split(rows):                                         # one gather per `rows` minibatches
                 yield from zip(x[part], y[part])                                 # (m, ...) each
     return batches
 
 
 def simulator_batches(sim: SimConfig, data: DataConfig, batch_size: int, device=None):
-    """Data source for estimate_llc on the physics model: seed -> endless fresh (x_t, x_t+1) batches,
-    never reused (Appendix B.2), from a TrainingStream of its own."""
-    def batches(seed: int):
+    """Data source for estimate_llc on the physics model: (seed, start) -> endless fresh (x_t, x_t+1)
+    batches, never reused (Appendix B.2), from a TrainingStream of its own, from its start-th batch on."""
+    def batches(seed: int, start: int = 0):
         stream = TrainingStream(sim, data, batch_size, seed=10_000_019 + seed, device=device)
-        step = 0
+        step = start
         while True:
             yield stream.batch(step)
             step += 1
@@ -1076,16 +1080,18 @@ def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int, llc:
 
 
 NOISE_BLOCK_STEPS = 256   # estimate_llc draws each chain's noise this many steps at a time (fewer for big tensors)
+LLC_SAVE_SECONDS = 300    # free choice: with a state_path, estimate_llc saves its chains at least this often
 
 
 def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LLCConfig(),
-                 label: str | None = None, compile_step: bool = False, prefix=None):
+                 label: str | None = None, compile_step: bool = False, prefix=None, state_path: str | None = None):
     """Estimate the local learning coefficient restricted to some parameters, eq. (3)-(5).
 
     model      any nn.Module, left unchanged; called as it is (call .eval() first if it has dropout).
     criterion  criterion(model(inputs), targets) -> mean loss L_m over the minibatch.
-    data       seed -> endless iterator of minibatches (inputs, targets) of cfg.batch_size samples;
-               see dataset_batches and simulator_batches. Chain c reads data(cfg.seed + c).
+    data       (seed, start) -> endless iterator of minibatches (inputs, targets) of cfg.batch_size
+               samples from the start-th on; see dataset_batches and simulator_batches. Chain c reads
+               data(cfg.seed + c, 0) (or from the step it resumes at).
     subsets    {parameter name: boolean mask of that tensor's shape, or None for all of it}: the
                parameters sampled; every other parameter stays at w₀ and gets no noise. A list of
                such dicts estimates several subsets (e.g. heads) at once, returning a list.
@@ -1107,6 +1113,11 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     compile_step  run each step (the batched gradients, L_m(w₀) and the update of eq. (5)) through
                torch.compile: much faster on small models once compiled (seconds), equal to the eager
                step up to float rounding (tested); where compiling fails, one warning and eager steps.
+    state_path optional file for the chains' state (the step reached, w − w₀, the traces, the noise
+               generators), so that an interrupted estimate resumes where it stopped: written when a
+               KeyboardInterrupt (Ctrl-C, or a signal made one) stops the chains and every
+               LLC_SAVE_SECONDS, read at the start when it exists, removed at the end. A resumed
+               estimate equals the uninterrupted one (tested).
     """
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -1131,7 +1142,6 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     # so a chain's noise does not depend on which other tensors or chains are sampled alongside it.
     generators = {n: [torch.Generator(device=device).manual_seed((cfg.seed + c) * 1_000_003 + zlib.crc32(n.encode()))
                       for c in range(C)] for n in names}
-    streams = [data(cfg.seed + c) for c in range(C)]
     delta = {n: torch.zeros(K * C, *w0[n].shape, device=device, dtype=w0[n].dtype) for n in names}
 
     def chain_loss(delta, x, y):                # one chain: w = w₀ + (w − w₀); delta is 0 off the selected entries
@@ -1157,37 +1167,73 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     # per step), a block of at most ~2^20 numbers: a function of the tensor's shape alone, so a chain
     # still draws the same noise whether it runs alone or batched.
     block = {n: max(1, min(NOISE_BLOCK_STEPS, 2 ** 20 // w0[n].numel())) for n in names}
-    drawn = {}
+    drawn, drawn_at, before = {}, {}, {}        # per name: the block in use, its first step, the generators' states before it
 
     def noise_at(t):                            # name -> (C, *shape): step t's noise of every chain
         for n in names:
-            if t % block[n] == 0:               # (C, block, *shape)
+            if t % block[n] == 0 or n not in drawn:   # a new block (or, resumed, the block of step t)
+                before[n], drawn_at[n] = [g.get_state() for g in generators[n]], t - t % block[n]
                 drawn[n] = torch.stack([torch.randn(block[n], *w0[n].shape, generator=g, device=device,
-                                                    dtype=w0[n].dtype) for g in generators[n]])
+                                                    dtype=w0[n].dtype) for g in generators[n]])  # (C, block, *shape)
         return {n: drawn[n][:, t % block[n]] for n in names}
 
     dtype = next(iter(w0.values())).dtype
     traces = torch.zeros(K * C, T, device=device, dtype=dtype)
     w0_losses = torch.zeros(C, T, device=device, dtype=dtype)
-    progress = Progress(label, T)
-    step_fn = sgld_step
-    with warnings.catch_warnings():   # on the CPU vmap runs the fused attention once per chain (no batching
-        warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")  # rule): still faster
-        for t in range(T):
-            batch = [next(s) for s in streams]
-            x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
-            y = torch.stack([b[1] for b in batch]).to(device)
-            if prefix is None:
-                x = (x,)
-            else:                               # once for every chain's minibatch: (C·m, ...) at a time
-                with torch.no_grad():
-                    x = prefix(x.flatten(0, 1))
-                x = tuple(t.unflatten(0, (C, -1)) for t in (x if isinstance(x, tuple) else (x,)))  # each (C, m, ...)
-            noise = noise_at(t)
-            if compile_step and t == 0:
-                step_fn = _compiled(sgld_step, delta, x, y, noise)
-            delta, traces[:, t], w0_losses[:, t] = step_fn(delta, x, y, noise)
-            progress.update(t + 1)
+    identity = {"config": asdict(cfg), "masks": masks}          # what a saved state must belong to
+
+    def save(done, delta):                      # the state after `done` steps: redraws the block of step `done`
+        generator_states = {n: before[n] if drawn_at.get(n) == done - done % block[n] else
+                            [g.get_state() for g in generators[n]] for n in names}
+        state = {**identity, "done": done, "delta": delta, "traces": traces[:, :done].clone(),
+                 "w0_losses": w0_losses[:, :done].clone(),
+                 "generators": generator_states}
+        _atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+
+    start = 0
+    if state_path is not None and os.path.exists(state_path):
+        with reading(state_path):
+            state = torch.load(state_path, map_location="cpu", weights_only=True)   # generator states live on the CPU
+        _require(state["config"] == identity["config"] and state["masks"].keys() == masks.keys()
+                 and all(torch.equal(state["masks"][n], masks[n].cpu()) for n in names),
+                 f"{state_path} holds the state of another estimate (other settings or parameters): remove it")
+        start, delta = state["done"], {n: d.to(device) for n, d in state["delta"].items()}
+        traces[:, :start], w0_losses[:, :start] = state["traces"], state["w0_losses"]
+        for n in names:
+            for g, s in zip(generators[n], state["generators"][n]):
+                g.set_state(s)
+    streams = [data(cfg.seed + c, start) for c in range(C)]
+    progress = Progress(label, T, start)
+    step_fn, saved_at = sgld_step, time.monotonic()
+    chain = (start, delta)   # (steps done, w − w₀ after them), set in one assignment: an interrupt anywhere leaves a
+    try:                     # consistent pair to save
+        with warnings.catch_warnings():   # on the CPU vmap runs the fused attention once per chain (no batching rule):
+            warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")  # still faster
+            for t in range(start, T):
+                batch = [next(s) for s in streams]
+                x = torch.stack([b[0] for b in batch]).to(device)                     # (C, m, ...)
+                y = torch.stack([b[1] for b in batch]).to(device)
+                if prefix is None:
+                    x = (x,)
+                else:                               # once for every chain's minibatch: (C·m, ...) at a time
+                    with torch.no_grad():
+                        x = prefix(x.flatten(0, 1))
+                    x = tuple(t.unflatten(0, (C, -1)) for t in (x if isinstance(x, tuple) else (x,)))  # each (C, m, ...)
+                noise = noise_at(t)
+                if compile_step and t == start:
+                    step_fn = _compiled(sgld_step, chain[1], x, y, noise)
+                delta, traces[:, t], w0_losses[:, t] = step_fn(chain[1], x, y, noise)
+                chain = (t + 1, delta)
+                progress.update(t + 1)
+                if state_path is not None and time.monotonic() - saved_at > LLC_SAVE_SECONDS:
+                    save(*chain)
+                    saved_at = time.monotonic()
+    except KeyboardInterrupt:
+        if state_path is not None and chain[0] > start:
+            save(*chain)
+        raise
+    if state_path is not None and os.path.exists(state_path):
+        os.remove(state_path)
 
     traces, w0_losses = traces.cpu().view(K, C, T), w0_losses.cpu()         # (K, C, T), (C, T)
     init = w0_losses[:, B:].mean(1)                                           # L_n(w₀) per chain, (C,)

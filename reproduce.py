@@ -2,17 +2,19 @@
 
     python reproduce.py                 # scaled-down run: one small model, a 2-core CPU, under 12 minutes
     python reproduce.py --full          # the paper's scale (Tables 1-4, five runs): wants a GPU
+    python reproduce.py --medium        # the paper's training recipe on a smaller model: about an hour on a CPU
     python reproduce.py --full --runs 0,3   # only these runs (shards of one results folder)
+    python reproduce.py --full --llc-shard 3/16 --time-limit 3h50m   # a job's share of the LLC stage
     python reproduce.py --report DIR    # rebuild every figure and table and DIR/REPORT.md, no training
     python reproduce.py bench           # batched paths vs plain baselines; projected hours here
     python reproduce.py --out DIR --device auto|cpu|cuda [--compile]
 
-Everything goes under one output folder (default runs/scaled or runs/full): per run its latest
+Everything goes under one output folder (default runs/scaled, runs/medium or runs/full): per run its latest
 checkpoint, half-precision weights where the LLC reads them, metrics.csv (step x layer x head ->
 collision score, c), losses.csv, simulator.json and the LLC estimates; figures/ with the paper-style
 figures; final_heads.csv, regimes.csv, table5.csv, claims.json, timings.json, summary.json and
 REPORT.md. Re-running the same command after an interruption resumes: finished stages are kept, an
-unfinished run continues from its latest checkpoint.
+unfinished run continues from its latest checkpoint, an unfinished LLC estimate from its saved chains.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -118,6 +121,19 @@ SCALED = Preset(
     llc=LLCConfig(step_size=4e-3, batch_size=8, steps=100, burn_in=60, chains=4),
     llc_checkpoints=4, llc_heads=3, llc_loss="mean",
 )
+# The paper's dynamics on a CPU in about an hour (README: the medium preset). Table 2's recipe as it
+# stands (Adam, lr 1e-3, batch 64, constant, 64 000 steps: the paper's SGD noise lr/batch) and Table 3's
+# physics, on the scaled preset's kind of model a little wider (L = 3, E = 64, 8 heads of width 8,
+# scaled inputs and outputs), so that its heads form by ~15 000 steps and the late regime has the rest.
+# The LLC as the scaled preset's (the step size `reproduce.py calibrate` checks for this preset, README)
+# for up to 8 true collision heads and a quiet head at 12 checkpoints.
+MEDIUM = Preset(
+    model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
+    train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
+    runs=1, rollout_states=8, rollout_steps=1000,
+    llc=LLCConfig(step_size=4e-3, batch_size=8, steps=100, burn_in=60, chains=4),
+    llc_checkpoints=12, llc_heads=8, llc_loss="mean",
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,15 +189,39 @@ def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> N
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during a run; `where` says at which step or stage."""
+    """Ctrl-C, a signal or --time-limit during a run; `where` says at which step or stage."""
 
     def __init__(self, where: str):
         super().__init__(where)
         self.where = where
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt                # a scheduler's SIGTERM (Slurm sends it before killing): as Ctrl-C
+EXIT_INTERRUPTED = 130   # Ctrl-C or SIGTERM (a scheduler cancelling the job): re-run to resume
+EXIT_TIME_UP = 75        # --time-limit reached or SIGUSR1 (Slurm's --signal before a wall limit): the job
+                         # stopped itself to be requeued; re-run to resume (75: EX_TEMPFAIL, "try again")
+STOPPED_BY = {}          # the signal that stopped this call, if one did (set by _stop)
+
+
+def _stop(signum, frame):
+    """SIGTERM, SIGUSR1 or --time-limit's SIGALRM: stop as Ctrl-C does. Training keeps its latest
+    checkpoint and an LLC estimate saves its chains, so a re-run loses at most the steps since the
+    last checkpoint (seconds to a few minutes)."""
+    STOPPED_BY["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def parse_duration(text: str) -> int:
+    """--time-limit: '3h50m', '90m', '45s' (or a sum of those) or Slurm's 'H:MM:SS' -> seconds."""
+    hms = re.fullmatch(r"(\d+):(\d\d):(\d\d)", text)
+    units = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    if hms:
+        seconds = int(hms[1]) * 3600 + int(hms[2]) * 60 + int(hms[3])
+    elif units and text:
+        seconds = sum(int(v or 0) * f for v, f in zip(units.groups(), (3600, 60, 1)))
+    else:
+        raise ValueError(f"--time-limit wants a duration such as 3h50m, 90m, 45s or 3:50:00, got {text!r}")
+    physim._require(seconds > 0, f"--time-limit {text}: must be longer than 0 s")
+    return seconds
 
 
 def check_config(preset: Preset, out: str) -> None:
@@ -275,12 +315,14 @@ def llc_chunk_trajectories(preset: Preset) -> int:
     return min(128, max(8, math.ceil(preset.llc.steps * preset.llc.batch_size / preset.sim.n_steps)))
 
 
-def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None):
+def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None,
+                 state: str | None = None):
     """estimate_llc of each (layer, head), `group` heads batched in one vmap per SGLD step. Where a
     group does not fit in the device's memory it retries with groups half as large. The numbers do
     not depend on the grouping: chain c of every head draws the same noise and data (tested). The
-    blocks before a group's first head run once per minibatch (physim.FromBlock).
-    Returns the LLCResults and the group size that fitted."""
+    blocks before a group's first head run once per minibatch (physim.FromBlock). `state`: a path
+    prefix under which each group keeps its chains' state while it runs (estimate_llc's state_path),
+    so that an interrupted estimate resumes. Returns the LLCResults and the group size that fitted."""
     while True:
         try:
             results = []
@@ -290,9 +332,10 @@ def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int
                 if label and group < len(heads):
                     part_label = f"{label}, heads {i + 1}-{i + len(part)}"
                 split = physim.FromBlock(model, min(l for l, _ in part))     # blocks before: once per minibatch
+                state_path = state and f"{state}.heads_{'_'.join(f'{l}-{h}' for l, h in part)}.pt"
                 results += physim.estimate_llc(split, criterion, data,
                                                [physim.head_parameters(model, l, h) for l, h in part], cfg,
-                                               label=part_label, prefix=split.prefix)
+                                               label=part_label, prefix=split.prefix, state_path=state_path)
             return results, group
         except torch.OutOfMemoryError:     # a GPU's allocator says so; a CPU out of memory is killed instead
             physim._require(group > 1, "out of device memory estimating the LLC of a single head: lower "
@@ -312,7 +355,8 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int]
     training, all heads x chains batched per SGLD step (in smaller groups of heads where they do not
     fit in the device's memory). One JSON per checkpoint under rdir/llc/ (with
     each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
-    <= 500 points for plotting), written as it finishes and skipped when it exists; collected in
+    <= 500 points for plotting), written as it finishes and skipped when it exists (an estimate
+    interrupted midway keeps its chains' state beside it and resumes from there); collected in
     rdir/llc.csv once every checkpoint has one. `steps`: only these of the checkpoints (a shard)."""
     m = read_metrics(rdir)
     heads = llc_heads(m.score[-1], preset.llc_heads)
@@ -328,7 +372,8 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int]
         model = physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
         t0 = time.time()
         results, group = llc_of_heads(model, physim.LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, group,
-                                      label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})")
+                                      label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})",
+                                      state=path.removesuffix(".json"))
         thin = max(1, preset.llc.steps // 500)
         record = {"step": step, "seconds": round(time.time() - t0, 2), "trace_thinning": thin, "heads": [
             {"layer": l, "head": h, "llc": r.llc, "llc_stderr": r.llc_stderr, "chain_llc": r.chain_llc,
@@ -1408,6 +1453,9 @@ def parse_args(argv):
     parser.add_argument("--full", action="store_true",
                         help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
                              "the scaled-down run that fits a 2-core CPU in 12 minutes")
+    parser.add_argument("--medium", action="store_true",
+                        help="the paper's training recipe (Table 2) on a smaller model, one run: the paper's "
+                             "dynamics in about an hour on a 2-core CPU")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute: auto picks cuda when available (default: auto)")
     parser.add_argument("--runs", default=None, metavar="LIST",
@@ -1417,31 +1465,43 @@ def parse_args(argv):
                         help="only the LLC estimates of shard I of N (e.g. 3/16) over the (run, checkpoint) "
                              "pairs of the runs already trained in --out; many such calls (jobs) can share "
                              "one --out, and --report then merges what is there")
+    parser.add_argument("--time-limit", default=None, metavar="DURATION",
+                        help="stop cleanly after this long (e.g. 3h50m, 90m or 3:50:00: a little under a "
+                             "job's wall limit), saving what a resume needs, and exit with status 75; "
+                             "SIGUSR1 does the same (Slurm: --signal=B:USR1@300). Re-run to resume")
     parser.add_argument("--compile", action="store_true",
                         help="train a torch.compile'd model (falls back to eager where compiling fails)")
     parser.add_argument("--report", metavar="DIR", default=None,
                         help="rebuild every figure, table and DIR/REPORT.md from the results saved in DIR, "
                              "without training (whatever runs are finished there)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: runs/full with --full, runs/bench for bench, else "
-                             "runs/scaled); re-running into the same folder resumes")
+                        help="output folder (default: runs/full with --full, runs/medium with --medium, "
+                             "runs/bench for bench, else runs/scaled); re-running into the same folder resumes")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = FULL if args.full else SCALED
-    out = args.out or os.path.join("runs", "bench" if args.command == "bench" else "full" if args.full else "scaled")
-    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    preset = FULL if args.full else MEDIUM if args.medium else SCALED
+    out = args.out or os.path.join("runs", "bench" if args.command == "bench" else "full" if args.full else
+                                   "medium" if args.medium else "scaled")
+    stop_signals = [signal.SIGTERM] + [getattr(signal, name) for name in ("SIGUSR1", "SIGALRM") if hasattr(signal, name)]
+    previous_handlers = {signum: signal.signal(signum, _stop) for signum in stop_signals}
+    STOPPED_BY.clear()
     try:
         physim._require(not os.path.exists(out) or os.path.isdir(out),
                         f"--out {out} is a file, not a folder: name a folder for the results")
-        unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--report", "--llc-shard"],
-                  "calibrate": ["--runs", "--compile", "--report", "--llc-shard"]}[args.command]
+        unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--medium", "--report", "--llc-shard",
+                                       "--time-limit"],
+                  "calibrate": ["--runs", "--compile", "--report", "--llc-shard", "--time-limit"]}[args.command]
         given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
         physim._require(not (args.report and args.llc_shard), "--report and --llc-shard do not go together: "
                                                                "run the shards, then --report")
+        physim._require(not (args.full and args.medium), "--full and --medium do not go together: choose one")
+        if args.time_limit is not None:
+            physim._require(hasattr(signal, "SIGALRM"), "--time-limit needs SIGALRM, which this system lacks")
+            signal.alarm(parse_duration(args.time_limit))
         device = resolve_device(args.device)
         t0 = time.time()
         if args.report:
@@ -1481,10 +1541,19 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         where = f" {e.where}" if isinstance(e, RunInterrupted) else ""
+        by = STOPPED_BY.get("signal")
+        if by in (getattr(signal, "SIGALRM", None), getattr(signal, "SIGUSR1", None)):
+            what = f"--time-limit {args.time_limit}" if by == getattr(signal, "SIGALRM", None) else "SIGUSR1"
+            print(f"\nstopped by {what}{where}; what a resume needs is saved: re-run the same command to resume",
+                  file=sys.stderr)
+            return EXIT_TIME_UP
         print(f"\ninterrupted{where}; re-run the same command to resume", file=sys.stderr)   # below the progress line
-        return 130
+        return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     print(f"done in {time.time() - t0:.0f} s on {device}: {summary['true_collision_heads']} of "
           f"{summary['heads']} heads end with collision score >= {TRUE_HEAD}, {summary['heads_below_0.2']} "
           f"below 0.2; best head {summary['best_head']}. Results in {out}/")

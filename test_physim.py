@@ -1098,6 +1098,48 @@ def test_compiled_sgld_step_equals_the_eager_one(monkeypatch, capsys):
     assert all(torch.equal(f.traces, e.traces) and f.llc == e.llc for f, e in zip(fallback, eager))
 
 
+@pytest.mark.parametrize("stop_at", [13, 16])   # inside a noise block of 8 steps, and on its boundary
+def test_interrupted_llc_estimate_resumes_from_its_saved_state(monkeypatch, tmp_path, stop_at):
+    # Proves estimate_llc's state_path: an estimate interrupted after `stop_at` of its 40 steps saves its
+    # chains, and the next call with the same state_path runs only the 40 - stop_at steps left and gives
+    # exactly the uninterrupted traces and λ̂ (noise, data and w − w₀ all continue), then removes the file;
+    # a state saved for other settings is refused in one line naming the file; the data sources start
+    # at any minibatch.
+    monkeypatch.setattr(P, "NOISE_BLOCK_STEPS", 8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(256, 2)
+    data = P.dataset_batches(x, torch.sin(x.sum(1, keepdim=True)), 16, block=8)
+    for source in (data, P.simulator_batches(TRAIN_SIM, P.DataConfig(chunk_trajectories=1), 4)):
+        whole = source(3)
+        skipped = [next(whole) for _ in range(stop_at + 1)][-1]
+        assert all(torch.equal(a, b) for a, b in zip(next(source(3, stop_at)), skipped))
+    subsets = [{"0.weight": None}, {"2.weight": None, "2.bias": None}]
+    cfg = P.LLCConfig(step_size=1e-3, nbeta=50.0, batch_size=16, steps=40, burn_in=20, chains=3)
+    whole = P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets, cfg)
+    batches = []
+
+    def interrupted(seed, start=0):             # chain 0's data source raises Ctrl-C at step stop_at
+        for i, b in enumerate(data(seed, start), start):
+            if seed == cfg.seed:
+                batches.append(i)
+                if i == stop_at and len(batches) == stop_at + 1:
+                    raise KeyboardInterrupt
+            yield b
+    path = str(tmp_path / "state.pt")
+    with pytest.raises(KeyboardInterrupt):
+        P.estimate_llc(model, torch.nn.functional.mse_loss, interrupted, subsets, cfg, state_path=path)
+    assert torch.load(path, weights_only=True)["done"] == stop_at
+    with pytest.raises(ValueError, match="state.pt"):
+        P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets[:1], cfg, state_path=path)
+    batches.clear()
+    resumed = P.estimate_llc(model, torch.nn.functional.mse_loss, interrupted, subsets, cfg, state_path=path)
+    assert batches == list(range(stop_at, cfg.steps)) and not os.path.exists(path)
+    for w, r in zip(whole, resumed):
+        assert torch.equal(w.traces, r.traces) and torch.equal(w.w0_traces, r.w0_traces)
+        assert w.llc == r.llc and w.health == r.health
+
+
 def test_llc_prior_is_gamma_times_w_minus_w0(float64):
     # Proves eq. (5)'s localising term is +γ(w − w₀) around w₀ and that the loss is evaluated at w, on
     # L(w) = Σ a_i (w_i − c_i)² with w₀ = c ≠ 0 and γ as large as nβ·a (so the prior is no rounding
@@ -1734,6 +1776,81 @@ def test_kill_9_at_any_moment_leaves_a_folder_that_resumes(finished_tiny_run, tm
     for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
         with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
             assert f1.read() == f2.read(), name
+
+
+STOPPED_RUN = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import physim as P, reproduce as R, test_physim as T
+R.SCALED = R.Preset(runs=1, llc_heads=1, **T.TINY_PRESET_ARGS)
+where, calls, step, batches = os.environ.get("STOP_AT"), [], P.training_step, P.simulator_batches
+
+def usr1_in_step_8(*a, **k):
+    calls.append(1)
+    if len(calls) == 8:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return step(*a, **k)
+
+def slow_step(*a, **k):                      # 20 steps take 6 s: a 2 s limit stops training midway
+    time.sleep(0.3)
+    return step(*a, **k)
+
+def usr1_mid_estimate(*a, **k):              # SIGUSR1 as chain 0 of the second estimate (12 steps each) reads step 5
+    source = batches(*a, **k)
+    def stream(seed, start=0):
+        for i, b in enumerate(source(seed, start), start):
+            if seed == R.SCALED.llc.seed:
+                calls.append(i)
+                if len(calls) == 12 + 6:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+            yield b
+    return stream
+
+P.training_step = {{"SIGUSR1 in training": usr1_in_step_8, "--time-limit": slow_step}}.get(where, step)
+P.simulator_batches = usr1_mid_estimate if where == "SIGUSR1 mid-estimate" else batches
+sys.exit(R.main(["--out", sys.argv[1], "--device", "cpu"] + sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["SIGUSR1 in training", "SIGUSR1 mid-estimate", "--time-limit"])
+def test_sigusr1_or_time_limit_stop_a_real_run_that_resumes(finished_tiny_run, tmp_path, where):
+    # Proves a real `reproduce.py` process sent SIGUSR1 (Slurm's warning before a wall limit) during
+    # training or in the middle of an LLC estimate, or reaching its --time-limit, stops with one line
+    # saying so and exit status 75; midway through an estimate it has saved the chains (5 of 12 steps
+    # done); and the same command then ends with the files of an uninterrupted run.
+    import subprocess
+    import sys
+    _, done = finished_tiny_run
+    out = str(tmp_path / "out")
+    script = STOPPED_RUN.format(repo=os.path.dirname(os.path.abspath(__file__)))
+    limit = ["--time-limit", "2s"] if where == "--time-limit" else []
+    stopped = subprocess.run([sys.executable, "-c", script, out] + limit, env={**os.environ, "STOP_AT": where},
+                             capture_output=True, text=True)
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    last = stopped.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    expected = {"SIGUSR1 in training": "stopped by SIGUSR1 at step 7 of run 0",
+                "SIGUSR1 mid-estimate": "stopped by SIGUSR1 in the LLC stage of run 0",
+                "--time-limit": "stopped by --time-limit 2s at step "}[where]
+    assert last.startswith(expected) and last.endswith("re-run the same command to resume"), last
+    if where == "SIGUSR1 mid-estimate":
+        states = glob.glob(os.path.join(out, "run0", "llc", "*.pt"))
+        assert len(states) == 1 and torch.load(states[0], weights_only=True)["done"] == 5
+    resumed = subprocess.run([sys.executable, "-c", script, out, "--time-limit", "1h"], env={**os.environ, "STOP_AT": ""},
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not glob.glob(os.path.join(out, "run0", "llc", "*.pt"))
+    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
+        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
+            assert f1.read() == f2.read(), name
+
+
+def test_time_limit_durations():
+    # Proves --time-limit reads the forms its help names, and refuses others in one line.
+    import reproduce as R
+    assert [R.parse_duration(t) for t in ("3h50m", "90m", "45s", "1h2m3s", "3:50:00")] == [13800, 5400, 45, 3723, 13800]
+    for bad in ("", "3x", "h", "0s", "1:2"):
+        with pytest.raises(ValueError, match="--time-limit"):
+            R.parse_duration(bad)
 
 
 def test_llc_shards_into_one_folder_equal_one_call_and_resume(finished_tiny_run, tmp_path, capsys, monkeypatch):
