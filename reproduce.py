@@ -238,10 +238,11 @@ def check_config(preset: Preset, out: str) -> None:
 
 
 def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
-              compile_model: bool = False) -> dict:
+              compile_model: bool = False, llc: bool = True) -> dict | None:
     """Train the runs (default: all of the preset's), roll each model out, estimate LLCs, then draw
     the figures and write the tables and REPORT.md over every finished run in `out`. Separate
-    calls with different `runs` (one per GPU or scheduler task) can share one `out`."""
+    calls with different `runs` (one per GPU or scheduler task) can share one `out`. With llc=False
+    only train and roll out (the LLC stage is left to llc_shard calls, then a report): returns None."""
     t0 = time.time()
     runs = list(range(preset.runs)) if runs is None else runs
     for run in runs:
@@ -269,6 +270,8 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
             result = physim.evaluate_simulator(model, preset.rollout_states, preset.rollout_steps)
             physim._atomic_write(sim_path, lambda tmp: json.dump(result, open(tmp, "w")))
             add_time(out, f"run{run} rollout", time.time() - t)
+        if not llc:
+            continue
         t = time.time()
         try:
             run_llc(preset, rdir, device, label=f"run {run + 1}/{preset.runs}")   # each estimate saved as it ends
@@ -276,6 +279,8 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
             add_time(out, f"run{run} LLC", time.time() - t)
             raise RunInterrupted(f"in the LLC stage of run {run}") from None
         add_time(out, f"run{run} LLC", time.time() - t)
+    if not llc:
+        return None
     summary = write_report(out, device)
     summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -1465,6 +1470,9 @@ def parse_args(argv):
                         help="only the LLC estimates of shard I of N (e.g. 3/16) over the (run, checkpoint) "
                              "pairs of the runs already trained in --out; many such calls (jobs) can share "
                              "one --out, and --report then merges what is there")
+    parser.add_argument("--no-llc", action="store_true",
+                        help="train and roll out only, no LLC and no report: the LLC stage is then spread "
+                             "over --llc-shard calls, and --report merges it all")
     parser.add_argument("--time-limit", default=None, metavar="DURATION",
                         help="stop cleanly after this long (e.g. 3h50m, 90m or 3:50:00: a little under a "
                              "job's wall limit), saving what a resume needs, and exit with status 75; "
@@ -1492,13 +1500,16 @@ def main(argv=None) -> int:
         physim._require(not os.path.exists(out) or os.path.isdir(out),
                         f"--out {out} is a file, not a folder: name a folder for the results")
         unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--medium", "--report", "--llc-shard",
-                                       "--time-limit"],
-                  "calibrate": ["--runs", "--compile", "--report", "--llc-shard", "--time-limit"]}[args.command]
+                                       "--no-llc", "--time-limit"],
+                  "calibrate": ["--runs", "--compile", "--report", "--llc-shard", "--no-llc", "--time-limit"]
+                  }[args.command]
         given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
         physim._require(not (args.report and args.llc_shard), "--report and --llc-shard do not go together: "
                                                                "run the shards, then --report")
         physim._require(not (args.full and args.medium), "--full and --medium do not go together: choose one")
+        physim._require(not (args.no_llc and (args.report or args.llc_shard)),
+                        "--no-llc goes with a training call, not with --report or --llc-shard")
         if args.time_limit is not None:
             physim._require(hasattr(signal, "SIGALRM"), "--time-limit needs SIGALRM, which this system lacks")
             signal.alarm(parse_duration(args.time_limit))
@@ -1535,7 +1546,11 @@ def main(argv=None) -> int:
                 runs = sorted({int(r) for r in args.runs.split(",")})
             except ValueError:
                 raise ValueError(f"--runs wants comma-separated run numbers such as 0,3, got {args.runs!r}") from None
-        summary = reproduce(preset, out, device, runs, args.compile)
+        summary = reproduce(preset, out, device, runs, args.compile, llc=not args.no_llc)
+        if summary is None:
+            print(f"trained and rolled out in {time.time() - t0:.0f} s; the LLC stage: --llc-shard I/N calls "
+                  f"into {out}, then --report {out}")
+            return 0
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

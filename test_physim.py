@@ -1895,6 +1895,26 @@ def test_llc_shards_into_one_folder_equal_one_call_and_resume(finished_tiny_run,
         assert "--llc-shard" in _one_error_line(capsys)
 
 
+def test_no_llc_then_llc_shards_then_report_equal_one_call(finished_tiny_run, tmp_path, capsys, monkeypatch):
+    # Proves the cluster recipe of the README: a `--no-llc` call trains and rolls out but estimates no
+    # LLC and writes no report; `--llc-shard 1/1` and `--report` then end with the files of one call.
+    import reproduce as R
+    preset, done = finished_tiny_run
+    monkeypatch.setattr(R, "SCALED", preset)
+    out = str(tmp_path / "out")
+    assert R.main(["--no-llc", "--out", out, "--device", "cpu"]) == 0
+    assert os.path.exists(os.path.join(out, "run0", "simulator.json"))
+    assert not os.path.exists(os.path.join(out, "run0", "llc")) and not os.path.exists(os.path.join(out, "REPORT.md"))
+    assert R.main(["--llc-shard", "1/1", "--out", out, "--device", "cpu"]) == 0
+    assert R.main(["--report", out, "--device", "cpu"]) == 0
+    for name in ("run0/metrics.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
+        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
+            assert f1.read() == f2.read(), name
+    capsys.readouterr()
+    assert R.main(["--no-llc", "--report", out]) == 2
+    assert "--no-llc" in _one_error_line(capsys)
+
+
 def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, monkeypatch, capsys):
     # Proves that where all heads batched run out of device memory, run_llc's estimates are made in
     # smaller groups of heads and come out the same; a single head that does not fit is one clear error.
