@@ -1182,7 +1182,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     w0_losses = torch.zeros(C, T, device=device, dtype=dtype)
     identity = {"config": asdict(cfg), "masks": masks}          # what a saved state must belong to
 
-    def save(done, delta):                      # the state after `done` steps: redraws the block of step `done`
+    def save(done, delta):                      # the state after `done` steps; each generator as it was where
+                                                # the noise block holding step `done` starts
         generator_states = {n: before[n] if drawn_at.get(n) == done - done % block[n] else
                             [g.get_state() for g in generators[n]] for n in names}
         state = {**identity, "done": done, "delta": delta, "traces": traces[:, :done].clone(),

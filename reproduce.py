@@ -31,7 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
 import matplotlib
@@ -225,16 +225,18 @@ def parse_duration(text: str) -> int:
 
 
 def check_config(preset: Preset, out: str) -> None:
-    """Make `out` the preset's folder: write its config.json, or check the one there is the preset's."""
+    """Make `out` the preset's folder: write its config.json, or check the one there is the preset's.
+    Only the number of runs may differ (--seeds): the folder keeps the larger."""
     os.makedirs(out, exist_ok=True)
     config_path = os.path.join(out, "config.json")
     config = preset_config(preset)
     if os.path.exists(config_path):
-        physim._require(read_json(config_path) == config, f"{out} holds results of a different configuration; "
-                                         "choose another --out")
-    else:
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=1)
+        stored = read_json(config_path)
+        physim._require({**stored, "runs": 0} == {**config, "runs": 0},
+                        f"{out} holds results of a different configuration; choose another --out")
+        if stored["runs"] >= preset.runs:
+            return
+    physim._atomic_write(config_path, lambda tmp: json.dump(config, open(tmp, "w"), indent=1))
 
 
 def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
@@ -411,6 +413,7 @@ def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) ->
     completes a run's estimates writes its llc.csv; `--report` then reports every complete run.
     Returns how many estimates this shard holds."""
     check_config(preset, out)
+    preset = preset_from_config(out)                         # all of the folder's runs (--seeds)
     trained = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "simulator.json"))]
     pairs = [(r, step) for r in trained for step in llc_steps(read_metrics(run_dir(out, r)).steps, preset.llc_checkpoints)]
     mine = pairs[shard - 1::shards]
@@ -1463,6 +1466,9 @@ def parse_args(argv):
                              "dynamics in about an hour on a 2-core CPU")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute: auto picks cuda when available (default: auto)")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="N runs (seeds 0 ... N-1) instead of the preset's (1, or 5 with --full); a folder "
+                             "grows to more seeds by re-running with a larger N")
     parser.add_argument("--runs", default=None, metavar="LIST",
                         help="comma-separated run numbers to do in this call, e.g. 0,3 (default: all); "
                              "calls for different runs can share one --out, e.g. one per GPU or Slurm task")
@@ -1491,6 +1497,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = FULL if args.full else MEDIUM if args.medium else SCALED
+    if args.seeds is not None:
+        preset = replace(preset, runs=max(args.seeds, 1))      # < 1 is refused below, with one line
     out = args.out or os.path.join("runs", "bench" if args.command == "bench" else "full" if args.full else
                                    "medium" if args.medium else "scaled")
     stop_signals = [signal.SIGTERM] + [getattr(signal, name) for name in ("SIGUSR1", "SIGALRM") if hasattr(signal, name)]
@@ -1499,15 +1507,16 @@ def main(argv=None) -> int:
     try:
         physim._require(not os.path.exists(out) or os.path.isdir(out),
                         f"--out {out} is a file, not a folder: name a folder for the results")
-        unused = {"run": [], "bench": ["--runs", "--compile", "--full", "--medium", "--report", "--llc-shard",
-                                       "--no-llc", "--time-limit"],
-                  "calibrate": ["--runs", "--compile", "--report", "--llc-shard", "--no-llc", "--time-limit"]
+        unused = {"run": [], "bench": ["--runs", "--seeds", "--compile", "--full", "--medium", "--report",
+                                       "--llc-shard", "--no-llc", "--time-limit"],
+                  "calibrate": ["--runs", "--seeds", "--compile", "--report", "--llc-shard", "--no-llc", "--time-limit"]
                   }[args.command]
         given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
         physim._require(not (args.report and args.llc_shard), "--report and --llc-shard do not go together: "
                                                                "run the shards, then --report")
         physim._require(not (args.full and args.medium), "--full and --medium do not go together: choose one")
+        physim._require(args.seeds is None or args.seeds >= 1, f"--seeds wants a number of runs >= 1, got {args.seeds}")
         physim._require(not (args.no_llc and (args.report or args.llc_shard)),
                         "--no-llc goes with a training call, not with --report or --llc-shard")
         if args.time_limit is not None:

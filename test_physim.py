@@ -1915,6 +1915,25 @@ def test_no_llc_then_llc_shards_then_report_equal_one_call(finished_tiny_run, tm
     assert "--no-llc" in _one_error_line(capsys)
 
 
+def test_seeds_add_runs_to_a_folder(finished_tiny_run, tmp_path, capsys, monkeypatch):
+    # Proves --seeds N: a folder holding the preset's one run grows to N runs (seed k for run k; the
+    # other settings must match), `--runs` picks among them, and the report covers every finished run.
+    import reproduce as R
+    preset, done = finished_tiny_run
+    monkeypatch.setattr(R, "SCALED", preset)
+    out = str(tmp_path / "out")
+    shutil.copytree(done, out)
+    assert R.main(["--seeds", "2", "--runs", "1", "--out", out, "--device", "cpu"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["runs"] == 2
+    assert open(os.path.join(out, "run0", "metrics.csv")).read() == open(os.path.join(done, "run0", "metrics.csv")).read()
+    assert open(os.path.join(out, "run1", "metrics.csv")).read() != open(os.path.join(done, "run0", "metrics.csv")).read()
+    assert {int(r["run"]) for r in csv.DictReader(open(os.path.join(out, "final_heads.csv")))} == {0, 1}
+    assert R.main(["--out", out, "--device", "cpu"]) == 0                  # the preset's 1 run: all done
+    capsys.readouterr()
+    assert R.main(["--seeds", "0", "--out", out]) == 2
+    assert "--seeds" in _one_error_line(capsys)
+
+
 def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, monkeypatch, capsys):
     # Proves that where all heads batched run out of device memory, run_llc's estimates are made in
     # smaller groups of heads and come out the same; a single head that does not fit is one clear error.
