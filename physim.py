@@ -1021,7 +1021,7 @@ def dataset_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, block: in
             torch.randint(len(x), (block, batch_size), generator=g)
         skip = start % block
         while True:
-            idx = torch.randint(len(x), (block, batch_size), generator=g)[skip:].to(x.device)  # (block, m)
+            idx = torch.randint(len(x), (block, batch_size), generator=g)[skip:].to(x.device)  # (block - skip, m)
             skip = 0
             for part in idx.split(rows):                                         # one gather per `rows` minibatches
                 yield from zip(x[part], y[part])                                 # (m, ...) each
@@ -1080,7 +1080,7 @@ def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int, llc:
 
 
 NOISE_BLOCK_STEPS = 256   # estimate_llc draws each chain's noise this many steps at a time (fewer for big tensors)
-LLC_SAVE_SECONDS = 300    # free choice: with a state_path, estimate_llc saves its chains at least this often
+LLC_SAVE_SECONDS = 300    # free choice: with a state_path, estimate_llc saves its chains once this long has passed
 
 
 def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LLCConfig(),
@@ -1115,9 +1115,10 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
                step up to float rounding (tested); where compiling fails, one warning and eager steps.
     state_path optional file for the chains' state (the step reached, w − w₀, the traces, the noise
                generators), so that an interrupted estimate resumes where it stopped: written when a
-               KeyboardInterrupt (Ctrl-C, or a signal made one) stops the chains and every
-               LLC_SAVE_SECONDS, read at the start when it exists, removed at the end. A resumed
-               estimate equals the uninterrupted one (tested).
+               KeyboardInterrupt (Ctrl-C, or a signal made one) stops the chains, once LLC_SAVE_SECONDS
+               have passed since the last save, and at the end; read at the start when it exists (a
+               finished state returns its result at once). Delete it once the result is saved. A
+               resumed estimate equals the uninterrupted one (tested with eager steps).
     """
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -1167,7 +1168,9 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     # per step), a block of at most ~2^20 numbers: a function of the tensor's shape alone, so a chain
     # still draws the same noise whether it runs alone or batched.
     block = {n: max(1, min(NOISE_BLOCK_STEPS, 2 ** 20 // w0[n].numel())) for n in names}
-    drawn, drawn_at, before = {}, {}, {}        # per name: the block in use, its first step, the generators' states before it
+    # Per name: the block in use, its first step, and the generators' states before it was drawn (what
+    # a save needs when it lands after a block's first step, or between the draws of its chains).
+    drawn, drawn_at, before = {}, {}, {}
 
     def noise_at(t):                            # name -> (C, *shape): step t's noise of every chain
         for n in names:
@@ -1180,11 +1183,12 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     dtype = next(iter(w0.values())).dtype
     traces = torch.zeros(K * C, T, device=device, dtype=dtype)
     w0_losses = torch.zeros(C, T, device=device, dtype=dtype)
-    identity = {"config": asdict(cfg), "masks": masks}          # what a saved state must belong to
+    identity = {"config": asdict(cfg), "device": device.type, "w0": {n: w0[n].cpu() for n in names},
+                "masks": {n: masks[n][::C].cpu() for n in names}}   # what a saved state must belong to: (K, *shape)
 
     def save(done, delta):                      # the state after `done` steps; each generator as it was where
                                                 # the noise block holding step `done` starts
-        generator_states = {n: before[n] if drawn_at.get(n) == done - done % block[n] else
+        generator_states = {n: before[n] if drawn_at[n] == done - done % block[n] else
                             [g.get_state() for g in generators[n]] for n in names}
         state = {**identity, "done": done, "delta": delta, "traces": traces[:, :done].clone(),
                  "w0_losses": w0_losses[:, :done].clone(),
@@ -1195,9 +1199,11 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     if state_path is not None and os.path.exists(state_path):
         with reading(state_path):
             state = torch.load(state_path, map_location="cpu", weights_only=True)   # generator states live on the CPU
-        _require(state["config"] == identity["config"] and state["masks"].keys() == masks.keys()
-                 and all(torch.equal(state["masks"][n], masks[n].cpu()) for n in names),
-                 f"{state_path} holds the state of another estimate (other settings or parameters): remove it")
+        _require(state["config"] == identity["config"] and state["device"] == identity["device"]
+                 and all(state[k].keys() == identity[k].keys() and all(torch.equal(state[k][n], identity[k][n])
+                                                                      for n in names) for k in ("w0", "masks")),
+                 f"{state_path} holds the state of another estimate (other settings, model, parameters or "
+                 f"device): remove it")
         start, delta = state["done"], {n: d.to(device) for n, d in state["delta"].items()}
         traces[:, :start], w0_losses[:, :start] = state["traces"], state["w0_losses"]
         for n in names:
@@ -1206,8 +1212,10 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     streams = [data(cfg.seed + c, start) for c in range(C)]
     progress = Progress(label, T, start)
     step_fn, saved_at = sgld_step, time.monotonic()
-    chain = (start, delta)   # (steps done, w − w₀ after them), set in one assignment: an interrupt anywhere leaves a
-    try:                     # consistent pair to save
+    # (steps done, w − w₀ after them), set in one assignment per step: an interrupt anywhere leaves a
+    # consistent pair to save.
+    chain = (start, delta)
+    try:
         with warnings.catch_warnings():   # on the CPU vmap runs the fused attention once per chain (no batching rule):
             warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")  # still faster
             for t in range(start, T):
@@ -1223,8 +1231,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
                 noise = noise_at(t)
                 if compile_step and t == start:
                     step_fn = _compiled(sgld_step, chain[1], x, y, noise)
-                delta, traces[:, t], w0_losses[:, t] = step_fn(chain[1], x, y, noise)
-                chain = (t + 1, delta)
+                new_delta, traces[:, t], w0_losses[:, t] = step_fn(chain[1], x, y, noise)
+                chain = (t + 1, new_delta)
                 progress.update(t + 1)
                 if state_path is not None and time.monotonic() - saved_at > LLC_SAVE_SECONDS:
                     save(*chain)
@@ -1233,8 +1241,9 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
         if state_path is not None and chain[0] > start:
             save(*chain)
         raise
-    if state_path is not None and os.path.exists(state_path):
-        os.remove(state_path)
+    if state_path is not None and chain[0] > start:
+        save(*chain)                            # finished: a later call with this state_path returns at once
+    delta = chain[1]
 
     traces, w0_losses = traces.cpu().view(K, C, T), w0_losses.cpu()         # (K, C, T), (C, T)
     init = w0_losses[:, B:].mean(1)                                           # L_n(w₀) per chain, (C,)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io
 import itertools
 import json
@@ -121,12 +122,12 @@ SCALED = Preset(
     llc=LLCConfig(step_size=4e-3, batch_size=8, steps=100, burn_in=60, chains=4),
     llc_checkpoints=4, llc_heads=3, llc_loss="mean",
 )
-# The paper's dynamics on a CPU in about an hour (README: the medium preset). Table 2's recipe as it
-# stands (Adam, lr 1e-3, batch 64, constant, 64 000 steps: the paper's SGD noise lr/batch) and Table 3's
-# physics, on the scaled preset's kind of model a little wider (L = 3, E = 64, 8 heads of width 8,
-# scaled inputs and outputs), so that its heads form by ~15 000 steps and the late regime has the rest.
-# The LLC as the scaled preset's (the step size `reproduce.py calibrate` checks for this preset, README)
-# for up to 8 true collision heads and a quiet head at 12 checkpoints.
+# The paper's late dynamics on a CPU (README: "The medium run", with how it was chosen). Table 2's
+# recipe as it stands (Adam, lr 1e-3, batch 64, constant, 64 000 steps: the paper's SGD noise lr/batch)
+# and Table 3's physics, on the scaled preset's kind of model a little wider (L = 3, E = 64, 8 heads of
+# width 8, scaled inputs and outputs), so that its heads form by ~15 000 steps and the late regime has
+# the rest. The LLC chains are the scaled preset's (ε as `reproduce.py calibrate` checked on this
+# preset's run, README) for up to 8 true collision heads and a quiet head at 12 checkpoints.
 MEDIUM = Preset(
     model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
     train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
@@ -224,19 +225,23 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
-def check_config(preset: Preset, out: str) -> None:
+def check_config(preset: Preset, out: str, runs: list[int] = ()) -> Preset:
     """Make `out` the preset's folder: write its config.json, or check the one there is the preset's.
-    Only the number of runs may differ (--seeds): the folder keeps the larger."""
-    os.makedirs(out, exist_ok=True)
+    Only the number of runs may differ (--seeds): the folder keeps the larger, and the preset with
+    that number of runs is returned. `runs` (run numbers asked for) are checked before anything is
+    written."""
     config_path = os.path.join(out, "config.json")
     config = preset_config(preset)
-    if os.path.exists(config_path):
-        stored = read_json(config_path)
-        physim._require({**stored, "runs": 0} == {**config, "runs": 0},
-                        f"{out} holds results of a different configuration; choose another --out")
-        if stored["runs"] >= preset.runs:
-            return
-    physim._atomic_write(config_path, lambda tmp: json.dump(config, open(tmp, "w"), indent=1))
+    stored = read_json(config_path, default={})
+    physim._require(not stored or {**stored, "runs": 0} == {**config, "runs": 0},
+                    f"{out} holds results of a different configuration; choose another --out")
+    n_runs = max(stored.get("runs", 0), preset.runs)
+    for run in runs:
+        physim._require(0 <= run < n_runs, f"run {run} does not exist: {out} has runs 0-{n_runs - 1}")
+    if stored.get("runs", 0) < n_runs:
+        os.makedirs(out, exist_ok=True)
+        physim._atomic_write(config_path, lambda tmp: json.dump(config, open(tmp, "w"), indent=1))
+    return replace(preset, runs=n_runs)
 
 
 def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
@@ -246,10 +251,8 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
     calls with different `runs` (one per GPU or scheduler task) can share one `out`. With llc=False
     only train and roll out (the LLC stage is left to llc_shard calls, then a report): returns None."""
     t0 = time.time()
+    preset = check_config(preset, out, runs or [])           # with all of the folder's runs (--seeds)
     runs = list(range(preset.runs)) if runs is None else runs
-    for run in runs:
-        physim._require(0 <= run < preset.runs, f"run {run} does not exist: this preset has runs 0-{preset.runs - 1}")
-    check_config(preset, out)
     for run in runs:
         rdir = run_dir(out, run)
         train_cfg = TrainConfig(**{**asdict(preset.train), "seed": run})
@@ -328,8 +331,9 @@ def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int
     group does not fit in the device's memory it retries with groups half as large. The numbers do
     not depend on the grouping: chain c of every head draws the same noise and data (tested). The
     blocks before a group's first head run once per minibatch (physim.FromBlock). `state`: a path
-    prefix under which each group keeps its chains' state while it runs (estimate_llc's state_path),
-    so that an interrupted estimate resumes. Returns the LLCResults and the group size that fitted."""
+    prefix under which each group keeps its chains' state (estimate_llc's state_path), so that an
+    interrupted estimate resumes and a finished group is not redone; the caller removes them once
+    it has saved the results. Returns the LLCResults and the group size that fitted."""
     while True:
         try:
             results = []
@@ -339,7 +343,7 @@ def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int
                 if label and group < len(heads):
                     part_label = f"{label}, heads {i + 1}-{i + len(part)}"
                 split = physim.FromBlock(model, min(l for l, _ in part))     # blocks before: once per minibatch
-                state_path = state and f"{state}.heads_{'_'.join(f'{l}-{h}' for l, h in part)}.pt"
+                state_path = None if state is None else f"{state}.heads_{'_'.join(f'{l}-{h}' for l, h in part)}.pt"
                 results += physim.estimate_llc(split, criterion, data,
                                                [physim.head_parameters(model, l, h) for l, h in part], cfg,
                                                label=part_label, prefix=split.prefix, state_path=state_path)
@@ -363,7 +367,7 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int]
     fit in the device's memory). One JSON per checkpoint under rdir/llc/ (with
     each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
     <= 500 points for plotting), written as it finishes and skipped when it exists (an estimate
-    interrupted midway keeps its chains' state beside it and resumes from there); collected in
+    keeps its chains' state beside it until then, so an interrupted one resumes from there); collected in
     rdir/llc.csv once every checkpoint has one. `steps`: only these of the checkpoints (a shard)."""
     m = read_metrics(rdir)
     heads = llc_heads(m.score[-1], preset.llc_heads)
@@ -388,6 +392,8 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int]
              "trace": paired_trace(r, thin).tolist()}
             for (l, h), r in zip(heads, results)]}
         physim._atomic_write(path, lambda tmp: json.dump(record, open(tmp, "w")))
+        for state in glob.glob(glob.escape(path.removesuffix(".json")) + ".heads_*.pt*"):   # and any .tmp
+            os.remove(state)
     if all(os.path.exists(llc_path(rdir, step)) for step in chosen):
         collect_llc(rdir, chosen)
 
@@ -412,8 +418,7 @@ def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) ->
     (jobs) into one folder share the LLC stage; an estimate that exists is skipped. The call that
     completes a run's estimates writes its llc.csv; `--report` then reports every complete run.
     Returns how many estimates this shard holds."""
-    check_config(preset, out)
-    preset = preset_from_config(out)                         # all of the folder's runs (--seeds)
+    preset = check_config(preset, out)                       # with all of the folder's runs (--seeds)
     trained = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "simulator.json"))]
     pairs = [(r, step) for r in trained for step in llc_steps(read_metrics(run_dir(out, r)).steps, preset.llc_checkpoints)]
     mine = pairs[shard - 1::shards]
@@ -824,10 +829,10 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
             for key in ("step", "layer", "head", "healthy_chains", "chains"):
                 r[key] = int(r[key])
     records = {}
-    for name in sorted(os.listdir(os.path.join(rdir, "llc"))):
-        record = read_json(os.path.join(rdir, "llc", name))
-        with physim.reading(os.path.join(rdir, "llc", name)):
-            records[record["step"]] = record
+    for step in sorted({r["step"] for r in rows}):
+        path = llc_path(rdir, step)
+        with physim.reading(path):
+            records[step] = read_json(path)
     t = m.steps > 0
     for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
         mine = [r for r in rows if (r["layer"], r["head"]) == (l, h)]
@@ -1497,11 +1502,13 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = FULL if args.full else MEDIUM if args.medium else SCALED
-    if args.seeds is not None:
-        preset = replace(preset, runs=max(args.seeds, 1))      # < 1 is refused below, with one line
     out = args.out or os.path.join("runs", "bench" if args.command == "bench" else "full" if args.full else
                                    "medium" if args.medium else "scaled")
-    stop_signals = [signal.SIGTERM] + [getattr(signal, name) for name in ("SIGUSR1", "SIGALRM") if hasattr(signal, name)]
+    alarm = getattr(signal, "SIGALRM", None)                   # --time-limit's timer (not on Windows)
+    stop_signals = [signal.SIGTERM]
+    if args.command == "run":                                  # stops that say "saved: re-run to resume"
+        stop_signals += [signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []
+        stop_signals += [alarm] if args.time_limit is not None and alarm is not None else []
     previous_handlers = {signum: signal.signal(signum, _stop) for signum in stop_signals}
     STOPPED_BY.clear()
     try:
@@ -1517,10 +1524,14 @@ def main(argv=None) -> int:
                                                                "run the shards, then --report")
         physim._require(not (args.full and args.medium), "--full and --medium do not go together: choose one")
         physim._require(args.seeds is None or args.seeds >= 1, f"--seeds wants a number of runs >= 1, got {args.seeds}")
+        physim._require(args.seeds is None or not (args.report or args.llc_shard),
+                        "--seeds goes with a training call, not with --report or --llc-shard")
+        if args.seeds is not None:
+            preset = replace(preset, runs=args.seeds)
         physim._require(not (args.no_llc and (args.report or args.llc_shard)),
                         "--no-llc goes with a training call, not with --report or --llc-shard")
         if args.time_limit is not None:
-            physim._require(hasattr(signal, "SIGALRM"), "--time-limit needs SIGALRM, which this system lacks")
+            physim._require(alarm is not None, "--time-limit needs SIGALRM, which this system lacks")
             signal.alarm(parse_duration(args.time_limit))
         device = resolve_device(args.device)
         t0 = time.time()
@@ -1566,15 +1577,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         where = f" {e.where}" if isinstance(e, RunInterrupted) else ""
         by = STOPPED_BY.get("signal")
-        if by in (getattr(signal, "SIGALRM", None), getattr(signal, "SIGUSR1", None)):
-            what = f"--time-limit {args.time_limit}" if by == getattr(signal, "SIGALRM", None) else "SIGUSR1"
+        if by is not None and by != signal.SIGTERM:
+            what = f"--time-limit {args.time_limit}" if by == alarm else "SIGUSR1"
             print(f"\nstopped by {what}{where}; what a resume needs is saved: re-run the same command to resume",
                   file=sys.stderr)
             return EXIT_TIME_UP
         print(f"\ninterrupted{where}; re-run the same command to resume", file=sys.stderr)   # below the progress line
         return EXIT_INTERRUPTED
     finally:
-        if hasattr(signal, "SIGALRM"):
+        if alarm in previous_handlers:
             signal.alarm(0)
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)

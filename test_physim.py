@@ -31,7 +31,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -99,17 +99,21 @@ def _fields(obj, names):
 def test_defaults_and_full_preset_are_the_papers_tables():
     # Proves the config defaults, and the --full preset built from them, hold Tables 1-4 exactly
     # (box 28 wide along x, 14 high along y, gravity along -y), five runs, Adam, and Appendix D.2's
-    # 1000-step rollout.
+    # 1000-step rollout. The --medium preset keeps Tables 2 and 3 (the paper's training recipe and
+    # physics) and changes only the model's size and its input/output scaling.
     import reproduce as R
-    for sim in (P.SimConfig(), R.FULL.sim):
+    for sim in (P.SimConfig(), R.FULL.sim, R.MEDIUM.sim):
         assert _fields(sim, PAPER_TABLE_3) == PAPER_TABLE_3
     for model in (P.ModelConfig(), R.FULL.model):
         assert _fields(model, PAPER_TABLE_4) == PAPER_TABLE_4
-    for train in (P.TrainConfig(), R.FULL.train):
+    for train in (P.TrainConfig(), R.FULL.train, R.MEDIUM.train):
         assert _fields(train, PAPER_TABLE_2) == PAPER_TABLE_2
     for llc in (P.LLCConfig(), R.FULL.llc):
         assert _fields(llc, PAPER_TABLE_1) == PAPER_TABLE_1
     assert R.FULL.runs == 5 and R.FULL.rollout_steps == 1000
+    assert R.MEDIUM.runs == 1 and R.MEDIUM.rollout_steps == 1000 and R.MEDIUM.sim == P.SimConfig()
+    assert {k: v for k, v in asdict(R.MEDIUM.model).items() if k not in ("n_blocks", "embed_dim", "scaled_io")} \
+        == {k: v for k, v in asdict(P.ModelConfig()).items() if k not in ("n_blocks", "embed_dim", "scaled_io")}
     # the box's width lies along x and gravity along -y: the walls and the gravity vector say so
     b = P.boundary_particles(P.SimConfig())
     assert float(b[:, 0].max()) == 28.0 and float(b[:, 1].max()) == 14.0
@@ -1099,45 +1103,57 @@ def test_compiled_sgld_step_equals_the_eager_one(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("stop_at", [13, 16])   # inside a noise block of 8 steps, and on its boundary
-def test_interrupted_llc_estimate_resumes_from_its_saved_state(monkeypatch, tmp_path, stop_at):
-    # Proves estimate_llc's state_path: an estimate interrupted after `stop_at` of its 40 steps saves its
-    # chains, and the next call with the same state_path runs only the 40 - stop_at steps left and gives
-    # exactly the uninterrupted traces and λ̂ (noise, data and w − w₀ all continue), then removes the file;
-    # a state saved for other settings is refused in one line naming the file; the data sources start
-    # at any minibatch.
+@pytest.mark.parametrize("how", ["interrupt", "crash"])
+def test_interrupted_llc_estimate_resumes_from_its_saved_state(monkeypatch, tmp_path, stop_at, how):
+    # Proves estimate_llc's state_path: an estimate stopped after `stop_at` of its 40 steps has its
+    # chains saved, by the KeyboardInterrupt handler ("interrupt") or, where the process dies without
+    # one ("crash": another error, with a save due after every step), by the periodic save; the next
+    # call runs only the 40 - stop_at steps left and gives exactly the uninterrupted traces and λ̂
+    # (noise, data and w − w₀ all continue); the finished state then returns the same at once, without
+    # a step. A state saved for other settings is refused in one line naming the file. The data
+    # sources start at any minibatch.
     monkeypatch.setattr(P, "NOISE_BLOCK_STEPS", 8)
+    if how == "crash":
+        monkeypatch.setattr(P, "LLC_SAVE_SECONDS", -1.0)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     x = torch.randn(256, 2)
     data = P.dataset_batches(x, torch.sin(x.sum(1, keepdim=True)), 16, block=8)
-    for source in (data, P.simulator_batches(TRAIN_SIM, P.DataConfig(chunk_trajectories=1), 4)):
+    wide = torch.randn(64, 2 ** 16)             # 2^20 numbers a minibatch: gathered 4 minibatches at a time, < a block
+    for source in (data, P.dataset_batches(wide, wide[:, 0], 16, block=8),
+                   P.simulator_batches(TRAIN_SIM, P.DataConfig(chunk_trajectories=1), 4)):
         whole = source(3)
         skipped = [next(whole) for _ in range(stop_at + 1)][-1]
         assert all(torch.equal(a, b) for a, b in zip(next(source(3, stop_at)), skipped))
     subsets = [{"0.weight": None}, {"2.weight": None, "2.bias": None}]
     cfg = P.LLCConfig(step_size=1e-3, nbeta=50.0, batch_size=16, steps=40, burn_in=20, chains=3)
     whole = P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets, cfg)
-    batches = []
+    batches, stop = [], True
 
-    def interrupted(seed, start=0):             # chain 0's data source raises Ctrl-C at step stop_at
+    def stopping(seed, start=0):                # chain 0's data source stops the estimate at step stop_at
         for i, b in enumerate(data(seed, start), start):
             if seed == cfg.seed:
                 batches.append(i)
-                if i == stop_at and len(batches) == stop_at + 1:
-                    raise KeyboardInterrupt
+                if i == stop_at and stop:
+                    raise KeyboardInterrupt if how == "interrupt" else RuntimeError("the node died")
             yield b
     path = str(tmp_path / "state.pt")
-    with pytest.raises(KeyboardInterrupt):
-        P.estimate_llc(model, torch.nn.functional.mse_loss, interrupted, subsets, cfg, state_path=path)
+    with pytest.raises(KeyboardInterrupt if how == "interrupt" else RuntimeError):
+        P.estimate_llc(model, torch.nn.functional.mse_loss, stopping, subsets, cfg, state_path=path)
     assert torch.load(path, weights_only=True)["done"] == stop_at
     with pytest.raises(ValueError, match="state.pt"):
         P.estimate_llc(model, torch.nn.functional.mse_loss, data, subsets[:1], cfg, state_path=path)
     batches.clear()
-    resumed = P.estimate_llc(model, torch.nn.functional.mse_loss, interrupted, subsets, cfg, state_path=path)
-    assert batches == list(range(stop_at, cfg.steps)) and not os.path.exists(path)
-    for w, r in zip(whole, resumed):
+    stop = False
+    resumed = P.estimate_llc(model, torch.nn.functional.mse_loss, stopping, subsets, cfg, state_path=path)
+    assert batches == list(range(stop_at, cfg.steps)) and torch.load(path, weights_only=True)["done"] == cfg.steps
+    batches.clear()
+    again = P.estimate_llc(model, torch.nn.functional.mse_loss, stopping, subsets, cfg, state_path=path)
+    assert batches == []
+    for w, r, a in zip(whole, resumed, again):
         assert torch.equal(w.traces, r.traces) and torch.equal(w.w0_traces, r.w0_traces)
-        assert w.llc == r.llc and w.health == r.health
+        assert w.llc == r.llc == a.llc and w.health == r.health == a.health
+        assert torch.equal(a.traces, w.traces)
 
 
 def test_llc_prior_is_gamma_times_w_minus_w0(float64):
@@ -1594,7 +1610,7 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
     assert {k: v for k, v in first.items() if k != "wall_seconds_this_call"} == \
            {k: v for k, v in second.items() if k != "wall_seconds_this_call"}
-    other = R.Preset(**{**preset.__dict__, "runs": 1})
+    other = R.Preset(**{**preset.__dict__, "llc_heads": preset.llc_heads + 1})
     with pytest.raises(ValueError, match="different configuration"):
         R.reproduce(other, out, "cpu")
     # --report rebuilds everything from the saved results, without training
@@ -1616,8 +1632,9 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     healthy = [e for e in grid if all(int(r["healthy_chains"]) >= 0.75 * int(r["chains"])
                                       for r in rows if float(r["step_size"]) == e)]
     assert record["step_size"] == (pytest.approx(max(healthy)) if healthy else None)
-    assert R.main(["--runs", "0,7", "--out", out]) == 2
+    assert R.main(["--runs", "0,7", "--out", str(tmp_path / "new")]) == 2
     assert "run 7 does not exist" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new" / "config.json")          # refused before anything is written
     assert R.main(["--report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]
@@ -1678,6 +1695,8 @@ def test_bad_output_folders_and_unused_flags_are_one_error_line(tmp_path, capsys
         assert R.main(argv + ["--out", str(tmp_path / "x")]) == 2
         line = _one_error_line(capsys)
         assert line.startswith("error:") and f"does not use {flag}" in line, line
+    assert R.main(["--full", "--medium", "--out", str(tmp_path / "x")]) == 2
+    assert "--full and --medium" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -1830,7 +1849,7 @@ def test_sigusr1_or_time_limit_stop_a_real_run_that_resumes(finished_tiny_run, t
     last = stopped.stderr.replace("\r", "\n").strip().splitlines()[-1]
     expected = {"SIGUSR1 in training": "stopped by SIGUSR1 at step 7 of run 0",
                 "SIGUSR1 mid-estimate": "stopped by SIGUSR1 in the LLC stage of run 0",
-                "--time-limit": "stopped by --time-limit 2s at step "}[where]
+                "--time-limit": "stopped by --time-limit 2s"}[where]   # at a step, unless the limit came first
     assert last.startswith(expected) and last.endswith("re-run the same command to resume"), last
     if where == "SIGUSR1 mid-estimate":
         states = glob.glob(os.path.join(out, "run0", "llc", "*.pt"))
@@ -1928,10 +1947,13 @@ def test_seeds_add_runs_to_a_folder(finished_tiny_run, tmp_path, capsys, monkeyp
     assert open(os.path.join(out, "run0", "metrics.csv")).read() == open(os.path.join(done, "run0", "metrics.csv")).read()
     assert open(os.path.join(out, "run1", "metrics.csv")).read() != open(os.path.join(done, "run0", "metrics.csv")).read()
     assert {int(r["run"]) for r in csv.DictReader(open(os.path.join(out, "final_heads.csv")))} == {0, 1}
-    assert R.main(["--out", out, "--device", "cpu"]) == 0                  # the preset's 1 run: all done
+    assert R.main(["--out", out, "--device", "cpu"]) == 0                  # the folder's 2 runs: all done
+    assert json.load(open(os.path.join(out, "config.json")))["runs"] == 2
+    assert {int(r["run"]) for r in csv.DictReader(open(os.path.join(out, "final_heads.csv")))} == {0, 1}
     capsys.readouterr()
-    assert R.main(["--seeds", "0", "--out", out]) == 2
-    assert "--seeds" in _one_error_line(capsys)
+    for argv in (["--seeds", "0"], ["--seeds", "2", "--report", out], ["--seeds", "2", "--llc-shard", "1/2"]):
+        assert R.main(argv + ["--out", out]) == 2
+        assert "--seeds" in _one_error_line(capsys)
 
 
 def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, monkeypatch, capsys):
@@ -1945,10 +1967,10 @@ def test_llc_of_heads_retries_in_smaller_groups_with_the_same_numbers(float64, m
     assert group == 4
     estimate = P.estimate_llc
 
-    def small_device(model, criterion, data, subsets, cfg, label=None, prefix=None):
+    def small_device(model, criterion, data, subsets, cfg, label=None, prefix=None, state_path=None):
         if len(subsets) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return estimate(model, criterion, data, subsets, cfg, label, prefix=prefix)
+        return estimate(model, criterion, data, subsets, cfg, label, prefix=prefix, state_path=state_path)
     monkeypatch.setattr(P, "estimate_llc", small_device)
     limit = 2
     grouped, group = R.llc_of_heads(model, F_mse, data, heads, SMALL_SGLD, group=4)
