@@ -2,7 +2,7 @@
 
     python reproduce.py                 # scaled-down run: one small model, a 2-core CPU, under 12 minutes
     python reproduce.py --full          # the paper's scale (Tables 1-4, five runs): wants a GPU
-    python reproduce.py --medium        # the paper's training recipe on a smaller model: about an hour on a CPU
+    python reproduce.py --medium        # the paper's training recipe on a smaller model: about 80 minutes on a 2-core CPU
     python reproduce.py --full --runs 0,3   # only these runs (shards of one results folder)
     python reproduce.py --full --llc-shard 3/16 --time-limit 3h50m   # a job's share of the LLC stage
     python reproduce.py --report DIR    # rebuild every figure and table and DIR/REPORT.md, no training
@@ -126,13 +126,14 @@ SCALED = Preset(
 # recipe as it stands (Adam, lr 1e-3, batch 64, constant, 64 000 steps: the paper's SGD noise lr/batch)
 # and Table 3's physics, on the scaled preset's kind of model a little wider (L = 3, E = 64, 8 heads of
 # width 8, scaled inputs and outputs), so that its heads form by ~15 000 steps and the late regime has
-# the rest. The LLC chains are the scaled preset's (ε as `reproduce.py calibrate` checked on this
-# preset's run, README) for up to 8 true collision heads and a quiet head at 12 checkpoints.
+# the rest. The LLC chains are the scaled preset's, at ε = 1.6e-2, the step size `reproduce.py
+# calibrate` recommends on this preset's run (README), for up to 8 true collision heads and a quiet
+# head at 12 checkpoints.
 MEDIUM = Preset(
     model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
     train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
     runs=1, rollout_states=8, rollout_steps=1000,
-    llc=LLCConfig(step_size=4e-3, batch_size=8, steps=100, burn_in=60, chains=4),
+    llc=LLCConfig(step_size=1.6e-2, batch_size=8, steps=100, burn_in=60, chains=4),
     llc_checkpoints=12, llc_heads=8, llc_loss="mean",
 )
 
@@ -1468,7 +1469,7 @@ def parse_args(argv):
                              "the scaled-down run that fits a 2-core CPU in 12 minutes")
     parser.add_argument("--medium", action="store_true",
                         help="the paper's training recipe (Table 2) on a smaller model, one run: the paper's "
-                             "dynamics in about an hour on a 2-core CPU")
+                             "dynamics in about 80 minutes on a 2-core CPU")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute: auto picks cuda when available (default: auto)")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
