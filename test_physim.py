@@ -1651,6 +1651,13 @@ def finished_tiny_run(tmp_path_factory):
     return preset, out
 
 
+def _assert_same_results(done: str, out: str) -> None:
+    """The results folder `out` ends with the numbers of the finished run `done`, file for file."""
+    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
+        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
+            assert f1.read() == f2.read(), name
+
+
 def _one_error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1, err
@@ -1736,9 +1743,7 @@ def test_ctrl_c_or_sigterm_stop_with_one_line_and_the_run_resumes(finished_tiny_
     assert _last_line(capsys) == "interrupted in the LLC stage of run 0; re-run the same command to resume"
     monkeypatch.setattr(P, "estimate_llc", estimate)
     assert R.main(["--out", out, "--device", "cpu"]) == 0
-    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
-        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
-            assert f1.read() == f2.read(), name
+    _assert_same_results(done, out)
 
 
 KILLED_RUN = """
@@ -1792,9 +1797,7 @@ def test_kill_9_at_any_moment_leaves_a_folder_that_resumes(finished_tiny_run, tm
     resumed = subprocess.run([sys.executable, "-c", script, out], env={**os.environ, "KILL_AT": ""},
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
-        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
-            assert f1.read() == f2.read(), name
+    _assert_same_results(done, out)
 
 
 STOPPED_RUN = """
@@ -1858,9 +1861,7 @@ def test_sigusr1_or_time_limit_stop_a_real_run_that_resumes(finished_tiny_run, t
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not glob.glob(os.path.join(out, "run0", "llc", "*.pt"))
-    for name in ("run0/metrics.csv", "run0/losses.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
-        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
-            assert f1.read() == f2.read(), name
+    _assert_same_results(done, out)
 
 
 def test_time_limit_durations():
@@ -1926,9 +1927,7 @@ def test_no_llc_then_llc_shards_then_report_equal_one_call(finished_tiny_run, tm
     assert not os.path.exists(os.path.join(out, "run0", "llc")) and not os.path.exists(os.path.join(out, "REPORT.md"))
     assert R.main(["--llc-shard", "1/1", "--out", out, "--device", "cpu"]) == 0
     assert R.main(["--report", out, "--device", "cpu"]) == 0
-    for name in ("run0/metrics.csv", "run0/llc.csv", "final_heads.csv", "claims.json"):
-        with open(os.path.join(done, name)) as f1, open(os.path.join(out, name)) as f2:
-            assert f1.read() == f2.read(), name
+    _assert_same_results(done, out)
     capsys.readouterr()
     assert R.main(["--no-llc", "--report", out]) == 2
     assert "--no-llc" in _one_error_line(capsys)
