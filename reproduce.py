@@ -10,33 +10,21 @@
     python reproduce.py --out DIR --device auto|cpu|cuda [--compile]
 
 Everything goes under one output folder (default runs/scaled, runs/medium or runs/full): per run its latest
-checkpoint, half-precision weights where the LLC reads them, metrics.csv (step x layer x head ->
-collision score, c), losses.csv, simulator.json and the LLC estimates; figures/ with the paper-style
-figures; final_heads.csv, regimes.csv, table5.csv, claims.json, timings.json, summary.json and
-REPORT.md. Re-running the same command after an interruption resumes: finished stages are kept, an
-unfinished run continues from its latest checkpoint, an unfinished LLC estimate from its saved chains.
+checkpoint, half-precision weights where the LLC reads them, metrics.csv, losses.csv, simulator.json and the LLC
+estimates; figures/, final_heads.csv, regimes.csv, table5.csv, claims.json, timings.json, summary.json, REPORT.md.
+Re-running the same command after an interruption resumes (from the latest checkpoint or the saved LLC chains).
 """
+
 from __future__ import annotations
 
-import argparse
-import csv
-import glob
-import io
-import itertools
-import json
-import math
-import os
-import re
-import signal
-import sys
-import tempfile
-import textwrap
-import time
+import argparse, contextlib, csv, glob, io, itertools, json, math, os, re, signal, sys, tempfile, textwrap, time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
 import matplotlib
 matplotlib.use("Agg")
+import matplotlib.collections  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -45,9 +33,19 @@ import physim  # noqa: E402
 from physim import DataConfig, LLCConfig, ModelConfig, SimConfig, TrainConfig  # noqa: E402
 
 TRUE_HEAD = physim.TRUE_HEAD_SCORE
+# On the CPU, vmap runs the fused attention once per chain (no batching rule yet): still the faster path.
+warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
 
-# The paper's Table 5 (Appendix D.1), for comparison: run, block, head, exponent (slope of log|c| on
-# log t), half-width of its 95% interval, log A, R², start step, end step.
+def check(ok: bool, message: str) -> None:
+    """Raise the one clear error (a line of `error: ...`) that a bad argument or file gets."""
+    if not ok:
+        raise ValueError(message)
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: the paper's scale (--full), the medium run and the default scaled-down run
+# ----------------------------------------------------------------------------------------------------
+
+# The paper's Table 5 (D.1): run, block, head, exponent of |c| ~ t, its 95% half-width, log A, R², start, end step
 PAPER_TABLE5 = """
 0 1 4 -0.784 0.131 5.134 0.934 4864 5734    0 1 6 -0.788 0.128 5.145 0.831 4596 6695
 0 2 1 -0.321 0.014 1.491 0.954 4352 12032   0 2 1 -0.082 0.002 -0.771 0.961 14976 64000
@@ -73,8 +71,8 @@ PAPER_TABLE5 = """
 4 3 2 -0.110 0.007 -0.394 0.775 29495 64000 4 3 5 -0.082 0.003 -0.760 0.911 20608 64000
 4 3 7 -0.132 0.004 -0.094 0.930 21760 64000
 """
-PAPER_ANOMALOUS_HEADS = 6   # §3.2: collision heads without a decaying power law (3 rising, 3 with none)
 
+PAPER_ANOMALOUS_HEADS = 6   # §3.2: collision heads without a decaying power law (3 rising, 3 with none)
 
 def paper_table5() -> list[dict]:
     values = PAPER_TABLE5.split()
@@ -82,6 +80,8 @@ def paper_table5() -> list[dict]:
     return [{k: (int if k in ("run", "layer", "head", "start", "end") else float)(v)
              for k, v in zip(keys, values[i:i + 9])} for i in range(0, len(values), 9)]
 
+# L_m of the LLC: the sum over a state's 4N outputs (Appendix B.1's ℓ) or their mean (F.mse_loss)
+LLC_LOSSES = {"sum": physim.squared_error, "mean": torch.nn.functional.mse_loss}
 
 @dataclass
 class Preset:
@@ -95,122 +95,247 @@ class Preset:
     rollout_steps: int = 1000      # ... for a 1000-step simulation
     llc: LLCConfig = field(default_factory=LLCConfig)  # Table 1
     llc_checkpoints: int = 32      # LLC at this many checkpoints, log-spaced from 1% of training to its end ...
-    llc_heads: int = 8             # ... for up to this many collision heads per run (best first) plus one
-                                   #     non-collision head
-    llc_loss: str = "sum"          # L_m of the LLC: "sum" over a state's 4N outputs, Appendix B.1's ℓ (the mean
-                                   # over them, F.mse_loss, is the other convention); chosen by traces (README)
+    llc_heads: int = 8             # ... for up to this many collision heads per run (best first) + a quiet one
+    llc_loss: str = "sum"          # L_m: "sum" over a state's 4N outputs (B.1's ℓ) or "mean" (README: traces)
 
     def __post_init__(self):
-        physim._require(self.llc_loss in physim.LLC_LOSSES,
-                        f"Preset.llc_loss must be one of {sorted(physim.LLC_LOSSES)}, got {self.llc_loss!r}")
-
+        check(self.llc_loss in LLC_LOSSES, f"Preset.llc_loss must be one of {sorted(LLC_LOSSES)}, got {self.llc_loss!r}")
 
 FULL = Preset()
-# Scaled down so that one run trains its collision heads to the end of their formation, is measured,
-# rolled out and LLC-estimated on a 2-core CPU in under 12 minutes (README: how the scaled preset was
-# chosen, with every configuration tried). The physics is Table 3 unchanged. The model is smaller
-# (L = 3, E = 48, 8 heads of width 6: 90k parameters instead of 830k), sees scaled inputs and outputs
-# (ModelConfig.scaled_io: measured against the paper's raw ones in the README), and trains with batch
-# 16 at lr 2e-3 for 35 000 steps instead of batch 64 at 1e-3 for 64 000. The LLC uses Table 1's γ and
-# nβ with the mean convention of L_m, far shorter chains, and ε = 4e-3, the step size `reproduce.py
-# calibrate` recommends for these chains (README), for the 3 best collision heads and a quiet head at 4
-# checkpoints.
-SCALED = Preset(
-    model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=48, scaled_io=True),
-    train=TrainConfig(steps=35_000, batch_size=16, lr=2e-3, log_checkpoints=24, even_checkpoints=50),
-    runs=1, rollout_states=8, rollout_steps=1000,
-    llc=LLCConfig(step_size=4e-3, batch_size=8, steps=100, burn_in=60, chains=4),
-    llc_checkpoints=4, llc_heads=3, llc_loss="mean",
-)
-# The paper's late dynamics on a CPU (README: "The medium run", with how it was chosen). Table 2's
-# recipe as it stands (Adam, lr 1e-3, batch 64, constant, 64 000 steps: the paper's SGD noise lr/batch)
-# and Table 3's physics, on the scaled preset's kind of model a little wider (L = 3, E = 64, 8 heads of
-# width 8, scaled inputs and outputs), so that its heads form by ~15 000 steps and the late regime has
-# the rest. The LLC chains are the scaled preset's, at ε = 1.6e-2, the step size `reproduce.py
-# calibrate` recommends on this preset's run (README), for up to 8 true collision heads and a quiet
-# head at 12 checkpoints.
-MEDIUM = Preset(
-    model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
-    train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
-    runs=1, rollout_states=8, rollout_steps=1000,
-    llc=LLCConfig(step_size=1.6e-2, batch_size=8, steps=100, burn_in=60, chains=4),
-    llc_checkpoints=12, llc_heads=8, llc_loss="mean",
-)
-
+# Scaled down so that one run forms its collision heads and is measured on a 2-core CPU in under 12 minutes (README):
+# Table 3's physics, a 90k-parameter model with scaled I/O, batch 16 at lr 2e-3 for 35 000 steps; short LLC chains
+# at ε = 4e-3 (what `reproduce.py calibrate` recommends), for the 3 best collision heads + a quiet one, 4 checkpoints.
+SCALED = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=48, scaled_io=True),
+                train=TrainConfig(steps=35_000, batch_size=16, lr=2e-3, log_checkpoints=24, even_checkpoints=50),
+                llc=LLCConfig(step_size=4e-3, batch_size=8, steps=100, burn_in=60, chains=4),
+                runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=4, llc_heads=3, llc_loss="mean")
+# The paper's late dynamics on a CPU (README: "The medium run"): Table 2's recipe and Table 3's physics on a slightly
+# wider scaled model (heads form by ~15 000 steps); the scaled LLC chains at ε = 1.6e-2 (calibrate's), 12 checkpoints.
+MEDIUM = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
+                train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
+                llc=LLCConfig(step_size=1.6e-2, batch_size=8, steps=100, burn_in=60, chains=4),
+                runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=12, llc_heads=8, llc_loss="mean")
 
 # ----------------------------------------------------------------------------------------------------
-# Running
+# Plumbing: the files of a results folder (written via a temporary name; a damaged one read back: one error)
 # ----------------------------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but this torch build sees no CUDA device")
-    return name
+@contextlib.contextmanager
+def reading(path: str):
+    """Any failure to read or parse `path` inside becomes one ValueError that names the file."""
+    try:
+        yield
+    except Exception as e:                       # truncated JSON, a bad CSV field, a damaged zip, ...
+        raise ValueError(f"{path} is damaged or unreadable ({type(e).__name__}: {e}); restore or delete "
+                         "it and re-run") from None
 
+def _write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+def write_json(path: str, obj, indent=1) -> None:
+    _write(path, lambda tmp: json.dump(obj, open(tmp, "w"), indent=indent))
+
+def write_text(path: str, text: str) -> None:
+    _write(path, lambda tmp: open(tmp, "w").write(text))
+
+def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    def write(tmp):                              # `columns`: the header where there may be no rows
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else columns)
+            w.writeheader()
+            w.writerows(rows)
+    _write(path, write)
+
+def save_torch(path: str, obj) -> None:
+    _write(path, lambda tmp: torch.save(obj, tmp))
+
+def load_torch(path: str, map_location="cpu"):
+    """A checkpoint, weights or chain-state file (weights_only=True: no code is unpickled)."""
+    with reading(path):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+def read_json(path: str, default=None):
+    """A JSON file physim wrote (`default` where it does not exist)."""
+    if default is not None and not os.path.exists(path):
+        return default
+    with reading(path), open(path) as f:
+        return json.load(f)
+
+def read_csv_rows(path: str) -> list[dict]:
+    """The rows of a CSV physim wrote; one cut short (ending mid-row) or with missing fields is damage."""
+    with reading(path), open(path, newline="") as f:
+        text = f.read()
+        if not text.endswith("\n"):
+            raise ValueError("it ends mid-row: the file was cut short")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if any(None in r or None in r.values() for r in rows):
+            raise ValueError("a row has missing or extra fields")
+    return rows
+
+def checkpoint_path(rdir: str, step: int) -> str:
+    return os.path.join(rdir, "checkpoints", f"step_{step:07d}.pt")
+
+def weights_path(rdir: str, step: int) -> str:
+    return os.path.join(rdir, "weights", f"step_{step:07d}.pt")
+
+def saved_checkpoints(rdir: str) -> list[str]:
+    """The full checkpoints of a run, newest first (training keeps the latest two)."""
+    folder = os.path.join(rdir, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in reversed(names)]
+
+def load_latest_checkpoint(rdir: str) -> dict | None:
+    """The newest readable checkpoint of a run (None if none); a damaged one is named in a warning and skipped."""
+    paths, damaged = saved_checkpoints(rdir), []
+    for path in paths:
+        try:
+            ckpt = load_torch(path)
+        except ValueError as e:
+            damaged.append(str(e))
+            continue
+        for message in damaged:
+            print(f"warning: {message}; resuming from {path}", file=sys.stderr)
+        return ckpt
+    check(not paths, f"no checkpoint of {rdir} can be read ({', '.join(paths)}): delete the folder's "
+                     "checkpoints to retrain the run from the start")
+    return None
+
+def model_from_checkpoint(ckpt: dict, device=None) -> physim.ParticleTransformer:
+    """The model a checkpoint or weights file (load_torch) describes, in float32."""
+    model = physim.ParticleTransformer(ModelConfig(**ckpt["configs"]["model"]), SimConfig(**ckpt["configs"]["sim"]))
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    return model.to(device).eval()
 
 def run_dir(out: str, run: int) -> str:
     return os.path.join(out, f"run{run}")
 
-
-def preset_config(preset: Preset) -> dict:
-    return {"sim": asdict(preset.sim), "model": asdict(preset.model), "train": asdict(preset.train),
-            "data": asdict(preset.data), "runs": preset.runs, "rollout_states": preset.rollout_states,
-            "rollout_steps": preset.rollout_steps, "llc": asdict(preset.llc),
-            "llc_checkpoints": preset.llc_checkpoints, "llc_heads": preset.llc_heads, "llc_loss": preset.llc_loss}
-
-
-def read_json(path: str, default=None):
-    """A JSON file physim wrote (`default` where it does not exist); a damaged one names itself."""
-    if default is not None and not os.path.exists(path):
-        return default
-    with physim.reading(path), open(path) as f:
-        return json.load(f)
-
+def llc_path(rdir: str, step: int) -> str:
+    return os.path.join(rdir, "llc", f"step_{step:07d}.json")
 
 def preset_from_config(out: str) -> Preset:
-    """The preset a results folder was made with (its config.json)."""
+    """The preset a results folder was made with (its config.json, which is asdict(preset))."""
     path = os.path.join(out, "config.json")
-    physim._require(os.path.exists(path), f"{out} holds no config.json: not a physim results folder")
+    check(os.path.exists(path), f"{out} holds no config.json: not a physim results folder")
     c = read_json(path)
-    with physim.reading(path):
-        return Preset(sim=SimConfig(**c["sim"]), model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
-                      data=DataConfig(**c["data"]), runs=c["runs"], rollout_states=c["rollout_states"],
-                      rollout_steps=c["rollout_steps"], llc=LLCConfig(**c["llc"]),
-                      llc_checkpoints=c["llc_checkpoints"], llc_heads=c["llc_heads"], llc_loss=c["llc_loss"])
+    types = {"sim": SimConfig, "model": ModelConfig, "train": TrainConfig, "data": DataConfig, "llc": LLCConfig}
+    with reading(path):
+        return Preset(**{f.name: types[f.name](**c[f.name]) if f.name in types else c[f.name] for f in fields(Preset)})
 
+def check_config(preset: Preset, out: str, runs: list[int] = ()) -> Preset:
+    """Write or check out/config.json; only the number of runs may differ (--seeds): the larger is returned."""
+    config_path, config = os.path.join(out, "config.json"), asdict(preset)
+    stored = read_json(config_path, default={})
+    check(not stored or {**stored, "runs": 0} == {**config, "runs": 0},
+          f"{out} holds results of a different configuration; choose another --out")
+    n_runs = max(stored.get("runs", 0), preset.runs)
+    for run in runs:
+        check(0 <= run < n_runs, f"run {run} does not exist: {out} has runs 0-{n_runs - 1}")
+    if stored.get("runs", 0) < n_runs:
+        os.makedirs(out, exist_ok=True)
+        write_json(config_path, config)
+    return replace(preset, runs=n_runs)
 
 def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> None:
-    """Record the wall time of a stage in out/timings.json, summed over interrupted and resumed calls
-    (or replaced, for stages that are redone whole, like the report)."""
+    """Add a stage's wall time to out/timings.json (summed over resumed calls, or replaced: the report)."""
     path = os.path.join(out, "timings.json")
     timings = read_json(path, default={})
     timings[stage] = round(timings.get(stage, 0.0) * accumulate + seconds, 1)
-    physim._atomic_write(path, lambda tmp: json.dump(timings, open(tmp, "w"), indent=1))
+    write_json(path, timings)
 
+# One run's metrics.csv: checkpoint steps (T,); each head's collision score, c and their errors, each (T, L, H)
+Metrics = NamedTuple("Metrics", [(name, np.ndarray) for name in ("steps", "score", "score_se", "corr", "corr_se")])
 
-class RunInterrupted(KeyboardInterrupt):
+def read_metrics(rdir: str) -> Metrics:
+    path = os.path.join(rdir, "metrics.csv")
+    rows = read_csv_rows(path)
+    with reading(path):
+        steps = sorted({int(r["step"]) for r in rows})
+        L, H = (1 + max(int(r[key]) for r in rows) for key in ("layer", "head"))
+        columns = ("collision_score", "collision_score_se", "correlation", "correlation_se")
+        values = {c: np.zeros((len(steps), L, H)) for c in columns}
+        index = {s: i for i, s in enumerate(steps)}
+        for r in rows:
+            for c in columns:
+                values[c][index[int(r["step"])], int(r["layer"]), int(r["head"])] = float(r[c])
+        return Metrics(np.array(steps), *values.values())
+
+def finished_runs(out: str, preset: Preset) -> list[int]:
+    """The runs in `out` whose training, rollout and LLC are all done (a report covers those)."""
+    return [r for r in range(preset.runs) if all(os.path.exists(os.path.join(run_dir(out, r), name))
+                                                 for name in ("simulator.json", "llc.csv"))]
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing: progress, interruptions and time limits
+# ----------------------------------------------------------------------------------------------------
+
+def fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+class Progress:
+    """One status line on stderr with an ETA, redrawn at most every `every` seconds (none without a label)."""
+    def __init__(self, label: str | None, total: int, start: int = 0, every: float = 2.0, stream=sys.stderr):
+        self.label, self.total, self.start, self.every = label, total, start, every
+        self.stream = stream if label is not None else None
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, note: str = "", force: bool = False, eta: float | None = None) -> None:
+        """Redraw; the ETA is `eta` if given (WorkClock), else from the mean rate so far."""
+        now = time.time()
+        if self.stream is None or (not force and now - self.last < self.every):
+            return
+        self.last = now
+        if eta is None:
+            rate = (done - self.start) / max(now - self.t0, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+        self.stream.write(f"\r{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%) "
+                          f"{fmt_time(now - self.t0)} elapsed, ETA {fmt_time(eta)} {note}   ")
+        if done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+class WorkClock:
+    """Wall time per kind of work (step, data chunk, checkpoint): an ETA weighs what is left by each one's cost."""
+    def __init__(self):
+        self.seconds, self.count = {}, {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+        self.count[kind] = self.count.get(kind, 0) + 1
+
+    def eta(self, left: dict) -> float:
+        """Seconds for `left` = {kind: units to do} at the mean cost so far (nan if a kind to do is untimed)."""
+        if any(n > 0 and kind not in self.count for kind, n in left.items()):
+            return float("nan")
+        return sum(n * self.seconds[kind] / self.count[kind] for kind, n in left.items() if n > 0)
+
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C, a signal or --time-limit during a run; `where` says at which step or stage."""
-
-    def __init__(self, where: str):
+    def __init__(self, where: str, step: int | None = None):
         super().__init__(where)
-        self.where = where
-
+        self.where, self.step = where, step
 
 EXIT_INTERRUPTED = 130   # Ctrl-C or SIGTERM (a scheduler cancelling the job): re-run to resume
-EXIT_TIME_UP = 75        # --time-limit reached or SIGUSR1 (Slurm's --signal before a wall limit): the job
-                         # stopped itself to be requeued; re-run to resume (75: EX_TEMPFAIL, "try again")
+EXIT_TIME_UP = 75        # --time-limit or SIGUSR1 (Slurm's --signal): stopped to be requeued (EX_TEMPFAIL)
 STOPPED_BY = {}          # the signal that stopped this call, if one did (set by _stop)
 
-
 def _stop(signum, frame):
-    """SIGTERM, SIGUSR1 or --time-limit's SIGALRM: stop as Ctrl-C does. Training keeps its latest
-    checkpoint and an LLC estimate saves its chains, so a re-run loses at most the steps since the
-    last checkpoint (seconds to a few minutes)."""
+    """SIGTERM, SIGUSR1 or --time-limit's SIGALRM: stop as Ctrl-C does (a re-run resumes from what was saved)."""
     STOPPED_BY["signal"] = signum
     raise KeyboardInterrupt
 
+def compile_works() -> bool:
+    """Whether torch.compile runs here; where it does not, one warning line (and eager training)."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(2))
+        return True
+    except Exception as e:                       # no compiler, unsupported platform, ...
+        print(f"warning: torch.compile is unavailable here ({type(e).__name__}); running eagerly", file=sys.stderr)
+        return False
 
 def parse_duration(text: str) -> int:
     """--time-limit: '3h50m', '90m', '45s' (or a sum of those) or Slurm's 'H:MM:SS' -> seconds."""
@@ -222,203 +347,261 @@ def parse_duration(text: str) -> int:
         seconds = sum(int(v or 0) * f for v, f in zip(units.groups(), (3600, 60, 1)))
     else:
         raise ValueError(f"--time-limit wants a duration such as 3h50m, 90m, 45s or 3:50:00, got {text!r}")
-    physim._require(seconds > 0, f"--time-limit {text}: must be longer than 0 s")
+    check(seconds > 0, f"--time-limit {text}: must be longer than 0 s")
     return seconds
 
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this torch build sees no CUDA device")
+    return name
 
-def check_config(preset: Preset, out: str, runs: list[int] = ()) -> Preset:
-    """Make `out` the preset's folder: write its config.json, or check the one there is the preset's.
-    Only the number of runs may differ (--seeds): the folder keeps the larger, and the preset with
-    that number of runs is returned. `runs` (run numbers asked for) are checked before anything is
-    written."""
-    config_path = os.path.join(out, "config.json")
-    config = preset_config(preset)
-    stored = read_json(config_path, default={})
-    physim._require(not stored or {**stored, "runs": 0} == {**config, "runs": 0},
-                    f"{out} holds results of a different configuration; choose another --out")
-    n_runs = max(stored.get("runs", 0), preset.runs)
-    for run in runs:
-        physim._require(0 <= run < n_runs, f"run {run} does not exist: {out} has runs 0-{n_runs - 1}")
-    if stored.get("runs", 0) < n_runs:
-        os.makedirs(out, exist_ok=True)
-        physim._atomic_write(config_path, lambda tmp: json.dump(config, open(tmp, "w"), indent=1))
-    return replace(preset, runs=n_runs)
+# ----------------------------------------------------------------------------------------------------
+# The run's stages: training, the rollout, the LLC
+# ----------------------------------------------------------------------------------------------------
 
+class _StopAt(Exception):          # stop_at reached
+    pass
+
+def train_run(rdir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
+              device="cpu", stop_at: int | None = None, label: str | None = "train", keep_weights=None,
+              compile_model: bool = False) -> physim.ParticleTransformer:
+    """physim.train into rdir (resuming): each checkpoint rewrites metrics.csv and losses.csv, saves a checkpoint
+    (keeping the previous) and half-precision weights at `keep_weights` (default: all); stop_at ends the call."""
+    configs = {"sim": asdict(sim), "model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
+    for folder in ("checkpoints", "weights"):
+        os.makedirs(os.path.join(rdir, folder), exist_ok=True)
+    schedule = physim.checkpoint_steps(train_cfg)
+    check(stop_at is None or stop_at in schedule, f"stop_at={stop_at} must be one of the checkpoint steps")
+    keep = set(schedule if keep_weights is None else keep_weights)
+    ckpt = load_latest_checkpoint(rdir)
+    check(ckpt is None or ckpt["configs"] == configs,
+          f"{rdir} holds a run with a different configuration; choose another output folder")
+    history, start = (ckpt["history"], ckpt["step"]) if ckpt else ({"metrics": [], "losses": []}, 0)
+    heldout_x, heldout_y = physim.heldout_set(sim, data_cfg, device)
+    resamples = physim.bootstrap_weights(data_cfg.heldout_states, data_cfg.bootstrap)   # the same every checkpoint
+    per_chunk = data_cfg.chunk_trajectories * sim.n_steps // train_cfg.batch_size
+    progress, clock, spent = Progress(label, train_cfg.steps, start), WorkClock(), dict(history.get("work_seconds", {}))
+    left = {"checkpoint": sum(s > start for s in schedule)}
+    mark, done = [time.perf_counter()], {"step": start, "model": None}
+
+    def eta(step: int) -> float:
+        chunks = -(-(train_cfg.steps - step) // per_chunk)
+        return clock.eta({"step": train_cfg.steps - step - chunks, "data chunk": chunks, **left})
+
+    def on_step(step: int) -> None:
+        now = time.perf_counter()
+        clock.add("data chunk" if (step - 1) % per_chunk == 0 else "step", now - mark[0])
+        mark[0], done["step"] = now, step
+        progress.update(step, eta=eta(step))
+
+    def on_checkpoint(step: int, model, optimizer, train_loss: float) -> None:
+        t0 = time.perf_counter()
+        metrics = physim.head_metrics(model, heldout_x, heldout_y, resamples)
+        table = {k: v.tolist() for k, v in metrics.items() if k != "heldout_loss"}        # one copy to the host
+        history["metrics"] += [{"step": step, "layer": l, "head": h, **{k: v[l][h] for k, v in table.items()}}
+                               for l in range(model_cfg.n_blocks) for h in range(model_cfg.n_heads)]
+        history["losses"].append({"step": step, "train_loss": train_loss, "heldout_loss": metrics["heldout_loss"]})
+        history["work_seconds"] = {k: spent.get(k, 0.0) + clock.seconds.get(k, 0.0) for k in {*spent, *clock.seconds}}
+        save_torch(checkpoint_path(rdir, step), {"configs": configs, "step": step, "model": model.state_dict(),
+                                                 "optimizer": optimizer.state_dict(), "history": history})
+        for path in saved_checkpoints(rdir)[2:]:                 # keep the latest two: one may be damaged
+            os.remove(path)
+        if step in keep:
+            save_torch(weights_path(rdir, step), {"configs": configs, "step": step,
+                                                  "model": {k: v.half() for k, v in model.state_dict().items()}})
+        for name in ("metrics", "losses"):
+            write_csv(os.path.join(rdir, f"{name}.csv"), history[name])
+        left["checkpoint"] -= step > start
+        clock.add("checkpoint", time.perf_counter() - t0)
+        mark[0], done["step"], done["model"] = time.perf_counter(), step, model
+        progress.update(step, f"held-out loss {metrics['heldout_loss']:.3g}, best collision score "
+                              f"{max(max(row) for row in table['collision_score']):.2f}",
+                        force=step == train_cfg.steps, eta=eta(step))
+        if step == stop_at:
+            raise _StopAt
+    try:
+        return physim.train(sim, model_cfg, train_cfg, data_cfg, device, ckpt, on_checkpoint, on_step,
+                            compile_model=compile_model and compile_works())
+    except _StopAt:
+        return done["model"].eval()
+    except KeyboardInterrupt:                    # Ctrl-C (or a signal made one): the checkpoints are intact
+        raise Interrupted(f"at step {done['step']}", done["step"]) from None
+
+LLC_SAVE_SECONDS = 300   # free choice: an LLC estimate saves its chains once this long has passed since the last save
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+def estimate_llc_resumable(model, criterion, data, subsets, cfg: LLCConfig, state_path: str | None = None,
+                           label: str | None = None, **kwargs):
+    """physim.estimate_llc whose chains' state is saved to (and continued from) state_path."""
+    params, subsets_list = dict(model.named_parameters()), [subsets] if isinstance(subsets, dict) else list(subsets)
+    identity = {"config": asdict(cfg), "device": str(next(iter(params.values())).device.type),
+                "subsets": [{n: None if m is None else m.cpu() for n, m in s.items()} for s in subsets_list],
+                "w0": {n: params[n].detach().cpu() for s in subsets_list for n in s}}
+    state = None
+    if state_path is not None and os.path.exists(state_path):
+        state = load_torch(state_path)
+        check(_same(state["identity"], identity), f"{state_path} holds the state of another estimate (other "
+              "settings, model, parameters or device): remove it")
+    progress, last, saved_at = Progress(label, cfg.steps, state["step"] if state else 0), {}, [time.monotonic()]
+
+    def save():
+        s = last["state"]
+        save_torch(state_path, {"identity": identity, "step": s["step"], "delta": s["delta"], **{
+            k: s[k][:, :s["step"]].clone() for k in ("traces", "w0_traces")}})
+        saved_at[0] = time.monotonic()
+
+    def on_step(s):
+        last["state"] = s
+        progress.update(s["step"])
+        if state_path is not None and time.monotonic() - saved_at[0] > LLC_SAVE_SECONDS:
+            save()
+    try:
+        results = physim.estimate_llc(model, criterion, data, subsets, cfg, state=state, on_step=on_step, **kwargs)
+    except KeyboardInterrupt:
+        if state_path is not None and last:
+            save()
+        raise
+    if state_path is not None and last:
+        save()                                   # finished: a later call with this state_path returns at once
+    return results
 
 def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = None,
               compile_model: bool = False, llc: bool = True) -> dict | None:
-    """Train the runs (default: all of the preset's), roll each model out, estimate LLCs, then draw
-    the figures and write the tables and REPORT.md over every finished run in `out`. Separate
-    calls with different `runs` (one per GPU or scheduler task) can share one `out`. With llc=False
-    only train and roll out (the LLC stage is left to llc_shard calls, then a report): returns None."""
+    """Train the runs (default: all), roll out, estimate LLCs, report (llc=False: only train and roll out)."""
     t0 = time.time()
     preset = check_config(preset, out, runs or [])           # with all of the folder's runs (--seeds)
     runs = list(range(preset.runs)) if runs is None else runs
     for run in runs:
-        rdir = run_dir(out, run)
-        train_cfg = TrainConfig(**{**asdict(preset.train), "seed": run})
+        rdir, train_cfg = run_dir(out, run), TrainConfig(**{**asdict(preset.train), "seed": run})
         # Disk: weights are kept (in half precision) only where the LLC reads them, and at the end.
         keep = llc_steps(physim.checkpoint_steps(train_cfg), preset.llc_checkpoints) + [train_cfg.steps]
         t = time.time()
         try:
-            model = physim.train(rdir, preset.sim, preset.model, train_cfg, preset.data, device,
-                                 label=f"run {run + 1}/{preset.runs} training", keep_weights=keep,
-                                 compile_model=compile_model)
-        except physim.Interrupted as e:
+            model = train_run(rdir, preset.sim, preset.model, train_cfg, preset.data, device,
+                              label=f"run {run + 1}/{preset.runs} training", keep_weights=keep, compile_model=compile_model)
+        except Interrupted as e:
             add_time(out, f"run{run} training", time.time() - t)
-            raise RunInterrupted(f"at step {e.step} of run {run}") from None
+            raise Interrupted(f"{e.where} of run {run}") from None
         add_time(out, f"run{run} training", time.time() - t)
         sim_path = os.path.join(rdir, "simulator.json")
         if not os.path.exists(sim_path):
-            print(f"run {run + 1}/{preset.runs}: rolling the model out for {preset.rollout_steps} steps",
-                  file=sys.stderr)
+            print(f"run {run + 1}/{preset.runs}: rolling the model out for {preset.rollout_steps} steps", file=sys.stderr)
             t = time.time()
-            result = physim.evaluate_simulator(model, preset.rollout_states, preset.rollout_steps)
-            physim._atomic_write(sim_path, lambda tmp: json.dump(result, open(tmp, "w")))
+            write_json(sim_path, physim.evaluate_simulator(model, preset.rollout_states, preset.rollout_steps), indent=None)
             add_time(out, f"run{run} rollout", time.time() - t)
-        if not llc:
-            continue
-        t = time.time()
-        try:
-            run_llc(preset, rdir, device, label=f"run {run + 1}/{preset.runs}")   # each estimate saved as it ends
-        except KeyboardInterrupt:
+        if llc:
+            t = time.time()
+            try:
+                run_llc(preset, rdir, device, label=f"run {run + 1}/{preset.runs}")   # each estimate saved as it ends
+            except KeyboardInterrupt:
+                add_time(out, f"run{run} LLC", time.time() - t)
+                raise Interrupted(f"in the LLC stage of run {run}") from None
             add_time(out, f"run{run} LLC", time.time() - t)
-            raise RunInterrupted(f"in the LLC stage of run {run}") from None
-        add_time(out, f"run{run} LLC", time.time() - t)
     if not llc:
         return None
     summary = write_report(out, device)
     summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
-
 def llc_steps(steps, n: int) -> list[int]:
-    """n of the checkpoint steps, spread evenly in log(step) from 1% of training to its end (Fig. 1).
-    Earlier the model is far from any minimum: SGLD then only descends and the LLC is undefined."""
+    """n checkpoint steps, even in log(step) from 1% of training (before, no minimum: LLC undefined) to its end."""
     positive = [int(s) for s in steps if s >= steps[-1] / 100]
     targets = np.geomspace(positive[0], positive[-1], n)
     return sorted({min(positive, key=lambda s: abs(math.log(s / t))) for t in targets})
 
-
 def llc_heads(final_score: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """The heads whose LLC is estimated: up to n true collision heads (best first; the best head if
-    none reached the threshold) and the head whose final score is closest to 0."""
-    H = final_score.shape[1]
-    flat = final_score.reshape(-1)
+    """Up to n true collision heads (best first; else the best head) and the head whose final score is nearest 0."""
+    flat, H = final_score.reshape(-1), final_score.shape[1]
     order = np.argsort(-flat)
     chosen = [divmod(int(i), H) for i in order if flat[i] >= TRUE_HEAD][:n] or [divmod(int(order[0]), H)]
     quiet = divmod(int(np.abs(flat).argmin()), H)
     return chosen + [quiet] if quiet not in chosen else chosen
-
 
 def paired_trace(r: physim.LLCResult, thin: int) -> torch.Tensor:
     """L(w0) + L_m(w_t) − L_m(w0) per chain, averaged over windows of `thin` steps: (C, T // thin)."""
     paired = r.traces - r.w0_traces + torch.tensor(r.init_loss)[:, None]
     return paired[:, :paired.shape[1] // thin * thin].reshape(len(paired), -1, thin).mean(-1)
 
-
 def llc_chunk_trajectories(preset: Preset) -> int:
-    """Trajectories simulated together for an SGLD chain's fresh data: enough for the whole chain
-    (steps x m pairs), at least 8 (short chains: not far more than they use) and at most 128 (long
-    chains: ~130 MB a chunk at N = 64; a GPU simulates 128 trajectories about as fast as 8)."""
+    """Trajectories per data chunk of an SGLD chain: enough for steps x m pairs, at least 8, at most 128 (~130 MB)."""
     return min(128, max(8, math.ceil(preset.llc.steps * preset.llc.batch_size / preset.sim.n_steps)))
-
 
 def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int, label: str | None = None,
                  state: str | None = None):
-    """estimate_llc of each (layer, head), `group` heads batched in one vmap per SGLD step. Where a
-    group does not fit in the device's memory it retries with groups half as large. The numbers do
-    not depend on the grouping: chain c of every head draws the same noise and data (tested). The
-    blocks before a group's first head run once per minibatch (physim.FromBlock). `state`: a path
-    prefix under which each group keeps its chains' state (estimate_llc's state_path), so that an
-    interrupted estimate resumes and a finished group is not redone; the caller removes them once
-    it has saved the results. Returns the LLCResults and the group size that fitted."""
+    """estimate_llc of each (layer, head), `group` heads batched (halved while out of device memory), from their first
+    block on; `state`: a path prefix for the groups' chain states. Returns the LLCResults and the group that fitted."""
     while True:
         try:
             results = []
             for i in range(0, len(heads), group):
                 part = heads[i:i + group]
-                part_label = label
-                if label and group < len(heads):
-                    part_label = f"{label}, heads {i + 1}-{i + len(part)}"
+                part_label = f"{label}, heads {i + 1}-{i + len(part)}" if label and group < len(heads) else label
                 split = physim.FromBlock(model, min(l for l, _ in part))     # blocks before: once per minibatch
                 state_path = None if state is None else f"{state}.heads_{'_'.join(f'{l}-{h}' for l, h in part)}.pt"
-                results += physim.estimate_llc(split, criterion, data,
-                                               [physim.head_parameters(model, l, h) for l, h in part], cfg,
-                                               label=part_label, prefix=split.prefix, state_path=state_path)
+                subsets = [physim.head_parameters(model, l, h) for l, h in part]
+                results += estimate_llc_resumable(split, criterion, data, subsets, cfg, state_path, part_label,
+                                                  prefix=split.prefix)
             return results, group
         except torch.OutOfMemoryError:     # a GPU's allocator says so; a CPU out of memory is killed instead
-            physim._require(group > 1, "out of device memory estimating the LLC of a single head: lower "
-                                       "LLCConfig.chains or LLCConfig.batch_size")
+            check(group > 1, "out of device memory estimating the LLC of a single head: lower "
+                  "LLCConfig.chains or LLCConfig.batch_size")
             group = (group + 1) // 2
         if torch.cuda.is_available():
             torch.cuda.empty_cache()       # out here, where the failed attempt's tensors are released
         print(f"\n{label or 'LLC'}: out of device memory; retrying with {group} heads batched", file=sys.stderr)
 
-
-def llc_path(rdir: str, step: int) -> str:
-    return os.path.join(rdir, "llc", f"step_{step:07d}.json")
-
-
 def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int] | None = None) -> None:
-    """The parameter-restricted LLC (Appendix B) of the chosen heads at checkpoints spread over
-    training, all heads x chains batched per SGLD step (in smaller groups of heads where they do not
-    fit in the device's memory). One JSON per checkpoint under rdir/llc/ (with
-    each chain's trace with minibatch noise paired out, L(w0) + L_m(w_t) − L_m(w0), averaged down to
-    <= 500 points for plotting), written as it finishes and skipped when it exists (an estimate
-    keeps its chains' state beside it until then, so an interrupted one resumes from there); collected in
-    rdir/llc.csv once every checkpoint has one. `steps`: only these of the checkpoints (a shard)."""
+    """The LLC (Appendix B) of the chosen heads: a JSON per LLC checkpoint (`steps`: only these) under rdir/llc/,
+    skipped where it exists; rdir/llc.csv once all exist."""
     m = read_metrics(rdir)
     heads = llc_heads(m.score[-1], preset.llc_heads)
     os.makedirs(os.path.join(rdir, "llc"), exist_ok=True)
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
                                     preset.llc.batch_size, device)
-    chosen = llc_steps(m.steps, preset.llc_checkpoints)
-    group = len(heads)
+    chosen, group = llc_steps(m.steps, preset.llc_checkpoints), len(heads)
     for i, step in enumerate(chosen):
         path = llc_path(rdir, step)
         if os.path.exists(path) or (steps is not None and step not in steps):
             continue
-        model = physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
-        t0 = time.time()
-        results, group = llc_of_heads(model, physim.LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, group,
+        model, t0 = model_from_checkpoint(load_torch(weights_path(rdir, step)), device), time.time()
+        results, group = llc_of_heads(model, LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, group,
                                       label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})",
                                       state=path.removesuffix(".json"))
         thin = max(1, preset.llc.steps // 500)
         record = {"step": step, "seconds": round(time.time() - t0, 2), "trace_thinning": thin, "heads": [
             {"layer": l, "head": h, "llc": r.llc, "llc_stderr": r.llc_stderr, "chain_llc": r.chain_llc,
-             "init_loss": r.init_loss, "health": r.health,
-             "trace": paired_trace(r, thin).tolist()}
+             "init_loss": r.init_loss, "health": physim.llc_health(r), "trace": paired_trace(r, thin).tolist()}
             for (l, h), r in zip(heads, results)]}
-        physim._atomic_write(path, lambda tmp: json.dump(record, open(tmp, "w")))
+        write_json(path, record, indent=None)
         for state in glob.glob(glob.escape(path.removesuffix(".json")) + ".heads_*.pt*"):   # and any .tmp
             os.remove(state)
     if all(os.path.exists(llc_path(rdir, step)) for step in chosen):
         collect_llc(rdir, chosen)
 
-
 def collect_llc(rdir: str, chosen: list[int]) -> None:
     """rdir/llc.csv from the JSON of every LLC checkpoint: one row per (checkpoint, head)."""
     rows = []
     for step in chosen:
-        path = llc_path(rdir, step)
-        with physim.reading(path):
+        with reading(path := llc_path(rdir, step)):
             for r in read_json(path)["heads"]:
-                rows.append({"step": step, "layer": r["layer"], "head": r["head"], "llc": r["llc"],
-                             "llc_stderr": r["llc_stderr"], "healthy_chains": r["health"].count("healthy"),
-                             "chains": len(r["health"]),
+                rows.append({"step": step, **{k: r[k] for k in ("layer", "head", "llc", "llc_stderr")},
+                             "healthy_chains": r["health"].count("healthy"), "chains": len(r["health"]),
                              "unhealthy": "; ".join(f"chain {c}: {h}" for c, h in enumerate(r["health"]) if h != "healthy")})
-    physim._write_csv(os.path.join(rdir, "llc.csv"), rows)
-
+    write_csv(os.path.join(rdir, "llc.csv"), rows)
 
 def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) -> int:
-    """`--llc-shard shard/shards`: the LLC estimates of the (run, checkpoint) pairs numbered shard,
-    shard + shards, ... (from 1) over the runs whose training and rollout are done, so that many calls
-    (jobs) into one folder share the LLC stage; an estimate that exists is skipped. The call that
-    completes a run's estimates writes its llc.csv; `--report` then reports every complete run.
-    Returns how many estimates this shard holds."""
+    """`--llc-shard`: the (run, checkpoint) LLC estimates numbered shard, shard + shards, ...; returns their number."""
     preset = check_config(preset, out)                       # with all of the folder's runs (--seeds)
     trained = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "simulator.json"))]
     pairs = [(r, step) for r in trained for step in llc_steps(read_metrics(run_dir(out, r)).steps, preset.llc_checkpoints)]
@@ -428,215 +611,50 @@ def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) ->
                 steps=[step for q, step in mine if q == r])
     return len(mine)
 
-
 CALIBRATION_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)   # calibrate probes ε = the preset's ε times these ...
 CALIBRATION_MAX_STEPS = 1000                       # ... with chains of at most this many steps (short chains)
 
-
 def calibrate(out: str, device: str) -> physim.Calibration:
-    """`reproduce.py calibrate`: physim.calibrate_llc (Appendix B.2.1 automated) on the first trained run
-    of the results folder `out`, with the preset's chains (shortened to CALIBRATION_MAX_STEPS, burn-in
-    in proportion) at ε = the preset's ε x CALIBRATION_FACTORS and the preset's nβ, at the first, a
-    middle and the last of the run's LLC checkpoints, for the heads the run estimates. Writes
-    out/calibration.csv, out/calibration.json (the recommendation) and out/figures/calibration.png."""
+    """`reproduce.py calibrate`: physim.calibrate_llc (B.2.1) on the first trained run: calibration.csv/.json/.png."""
     preset = preset_from_config(out)
     runs = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "metrics.csv"))]
-    physim._require(len(runs) > 0, f"{out} holds no trained run yet: nothing to calibrate")
-    rdir = run_dir(out, runs[0])
-    m = read_metrics(rdir)
-    heads = llc_heads(m.score[-1], preset.llc_heads)
-    chosen = llc_steps(m.steps, preset.llc_checkpoints)
+    check(len(runs) > 0, f"{out} holds no trained run yet: nothing to calibrate")
+    m = read_metrics(rdir := run_dir(out, runs[0]))
+    heads, chosen = llc_heads(m.score[-1], preset.llc_heads), llc_steps(m.steps, preset.llc_checkpoints)
     probed = sorted({chosen[0], chosen[len(chosen) // 2], chosen[-1]})
     for step in probed:
-        physim._require(os.path.exists(physim.weights_path(rdir, step)),
-                        f"{rdir} has no weights at step {step} yet: finish its training first")
-    models = {step: physim.model_from_checkpoint(physim.load_checkpoint(physim.weights_path(rdir, step)), device)
-              for step in probed}
+        check(os.path.exists(weights_path(rdir, step)), f"{rdir} has no weights at step {step} yet: finish its training "
+                                                        "first")
+    models = {step: model_from_checkpoint(load_torch(weights_path(rdir, step)), device) for step in probed}
     steps = min(preset.llc.steps, CALIBRATION_MAX_STEPS)
     cfg = LLCConfig(**{**asdict(preset.llc), "steps": steps, "burn_in": preset.llc.burn_in * steps // preset.llc.steps})
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
                                     cfg.batch_size, device)
-    first = models[probed[0]]
-    cal = physim.calibrate_llc(models, physim.LLC_LOSSES[preset.llc_loss], data,
-                               [physim.head_parameters(first, l, h) for l, h in heads], cfg,
-                               [preset.llc.step_size * f for f in CALIBRATION_FACTORS], label=f"run {runs[0]} calibration")
+    cal = physim.calibrate_llc(models, LLC_LOSSES[preset.llc_loss], data,
+                               [physim.head_parameters(models[probed[0]], l, h) for l, h in heads], cfg,
+                               [preset.llc.step_size * f for f in CALIBRATION_FACTORS], on_cell=lambda done, total: print(
+                                   f"\rrun {runs[0]} calibration: cell {done}/{total}", end="", file=sys.stderr))
+    print(file=sys.stderr)
     rows = [{"run": runs[0], "step": r["model"], "head": "{}-{}".format(*heads[r["subset"]]),
              **{k: v for k, v in r.items() if k not in ("model", "subset")}} for r in cal.rows]
-    physim._write_csv(os.path.join(out, "calibration.csv"), rows)
-    record = {"step_size": cal.step_size, "nbeta": cal.nbeta, "statement": cal.statement,
-              "preset_step_size": preset.llc.step_size, "chain_steps": cfg.steps, "burn_in": cfg.burn_in}
-    physim._atomic_write(os.path.join(out, "calibration.json"), lambda tmp: json.dump(record, open(tmp, "w"), indent=1))
+    write_csv(os.path.join(out, "calibration.csv"), rows)
+    write_json(os.path.join(out, "calibration.json"), {"step_size": cal.step_size, "nbeta": cal.nbeta,
+               "statement": cal.statement, "preset_step_size": preset.llc.step_size, "chain_steps": cfg.steps,
+               "burn_in": cfg.burn_in})
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     calibration_figure(rows, cal, preset.llc.step_size, os.path.join(out, "figures", "calibration.png"))
     return cal
 
-
-def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: float, path: str) -> None:
-    """λ̂ ± se against ε, one panel per probed checkpoint and one line per head; hollow markers where
-    some chain of the cell is unhealthy; the recommended ε dashed, the preset's dotted."""
-    steps = sorted({r["step"] for r in rows})
-    fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.4), squeeze=False)
-    for ax, step in zip(axes[0], steps):
-        for i, head in enumerate(sorted({r["head"] for r in rows})):
-            mine = sorted((r for r in rows if r["step"] == step and r["head"] == head), key=lambda r: r["step_size"])
-            eps = [r["step_size"] for r in mine]
-            llc = [r["llc"] for r in mine]
-            ax.plot(eps, llc, color=f"C{i}", lw=1, label=f"head {head}")
-            for r in mine:
-                healthy = r["healthy_chains"] == r["chains"]
-                ax.errorbar(r["step_size"], r["llc"], yerr=r["llc_stderr"], color=f"C{i}", marker="o", ms=5,
-                            mfc=f"C{i}" if healthy else "white")
-        if cal.step_size is not None:
-            ax.axvline(cal.step_size, color="k", ls="--", lw=1, label="recommended ε")
-        ax.axvline(preset_eps, color="grey", ls=":", lw=1, label="the preset's ε")
-        ax.set(xscale="log", xlabel="SGLD step size ε", ylabel="λ̂ (mean of chains)", title=f"step {step}")
-        grid = sorted({r["step_size"] for r in rows})
-        ax.set_xticks(grid, [f"{e:g}" for e in grid], fontsize=7)
-        ax.minorticks_off()
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(textwrap.fill("LLC calibration (hollow: some chain unhealthy). " + cal.statement, 40 * len(steps)),
-                 fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Tables and figures
-# ----------------------------------------------------------------------------------------------------
-
-class Metrics(NamedTuple):
-    """One run's metrics.csv: the checkpoint steps (T,) and, each (T, L, H), every head's collision
-    score and correlation c with their bootstrap standard errors."""
-    steps: np.ndarray
-    score: np.ndarray
-    score_se: np.ndarray
-    corr: np.ndarray
-    corr_se: np.ndarray
-
-
-def read_csv_rows(path: str) -> list[dict]:
-    """The rows of a CSV physim wrote. A file cut short (it ends mid-row) or a row with missing or extra
-    fields is damage, and the error names the file."""
-    with physim.reading(path), open(path, newline="") as f:
-        text = f.read()
-        if not text.endswith("\n"):
-            raise ValueError("it ends mid-row: the file was cut short")
-        rows = list(csv.DictReader(io.StringIO(text)))
-        if any(None in r or None in r.values() for r in rows):
-            raise ValueError("a row has missing or extra fields")
-    return rows
-
-
-def read_metrics(rdir: str) -> Metrics:
-    path = os.path.join(rdir, "metrics.csv")
-    rows = read_csv_rows(path)
-    with physim.reading(path):
-        steps = sorted({int(r["step"]) for r in rows})
-        L = 1 + max(int(r["layer"]) for r in rows)
-        H = 1 + max(int(r["head"]) for r in rows)
-        columns = ("collision_score", "collision_score_se", "correlation", "correlation_se")
-        values = {c: np.zeros((len(steps), L, H)) for c in columns}
-        index = {s: i for i, s in enumerate(steps)}
-        for r in rows:
-            for c in columns:
-                values[c][index[int(r["step"])], int(r["layer"]), int(r["head"])] = float(r[c])
-        return Metrics(np.array(steps), *values.values())
-
-
-def finished_runs(out: str, preset: Preset) -> list[int]:
-    """The runs in `out` whose training, rollout and LLC are all done (a report covers those)."""
-    return [r for r in range(preset.runs)
-            if all(os.path.exists(os.path.join(run_dir(out, r), name)) for name in ("simulator.json", "llc.csv"))]
-
-
-def write_report(out: str, device: str) -> dict:
-    """Every figure and table from the saved results in `out` (no training), then REPORT.md."""
-    t0 = time.time()
-    preset = preset_from_config(out)
-    runs = finished_runs(out, preset)
-    physim._require(len(runs) > 0, f"{out} holds no finished run yet: nothing to report")
-    fig_dir = os.path.join(out, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    metrics = {r: read_metrics(run_dir(out, r)) for r in runs}
-    # One unseen trajectory for the attention figures (the seed of the held-out set; a single one is
-    # 16x cheaper to simulate than the whole set): (T+1, N, 4)
-    trajectory = physim.simulate_states(preset.sim, 1, seed=987_654_321, device=device)[0]
-    final_rows, work = [], {}
-    for run, m in metrics.items():
-        for l in range(m.score.shape[1]):
-            for h in range(m.score.shape[2]):
-                final_rows.append({"run": run, "layer": l, "head": h, "collision_score": round(float(m.score[-1, l, h]), 4),
-                                   "collision_score_se": round(float(m.score_se[-1, l, h]), 4),
-                                   "correlation": round(float(m.corr[-1, l, h]), 4),
-                                   "correlation_se": round(float(m.corr_se[-1, l, h]), 4),
-                                   "class": physim.head_class(m.score[-1, l, h])})
-        plot_correlations(m, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
-        latest = physim.load_latest_checkpoint(run_dir(out, run))
-        work[run] = {k: round(v, 1) for k, v in latest["history"].get("work_seconds", {}).items()}
-        model = physim.model_from_checkpoint(latest, device)
-        plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
-        plot_score_histogram([m], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"), f"run {run}")
-        plot_moving_particle(model, m.score[-1], preset, trajectory, fig_dir, run)
-    physim._write_csv(os.path.join(out, "final_heads.csv"), final_rows)
-    plot_score_histogram(list(metrics.values()), preset.train, os.path.join(fig_dir, "collision_scores.png"),
-                         f"{len(runs)} run(s)")
-    plot_head_classes(final_rows, runs, preset.model, os.path.join(fig_dir, "head_classes.png"))
-    plot_energy(out, runs, preset, os.path.join(fig_dir, "energy.png"))
-    plot_losses(out, runs, os.path.join(fig_dir, "losses.png"))
-    llc_rows = []
-    for run, m in metrics.items():
-        llc_rows += [{"run": run, **r} for r in plot_llc(run_dir(out, run), m, preset, fig_dir, run)]
-    heads = power_law_analysis(metrics, out)
-    table5 = [{"run": h["run"], "layer": h["layer"], "head": h["head"], "class": h["class"], **asdict(p)}
-              for h in heads if h["class"] != "none" for p in h["pieces"] if p.is_power_law]
-    for row in table5:
-        del row["is_power_law"], row["verdict"]
-    physim._write_csv(os.path.join(out, "table5.csv"), table5, ["run", "layer", "head", "class"] +
-                      [f.name for f in fields(physim.PowerLawFit) if f.name not in ("is_power_law", "verdict")])
-    for run in runs:
-        plot_power_laws([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"power_laws_run{run}.png"))
-    plot_exponents(table5, os.path.join(fig_dir, "exponents.png"))
-    sims = {r: read_json(os.path.join(run_dir(out, r), "simulator.json")) for r in runs}
-    claims = check_claims(heads, llc_rows, sims, runs)
-    with open(os.path.join(out, "claims.json"), "w") as f:
-        json.dump(claims, f, indent=1)
-    finals = np.array([r["collision_score"] for r in final_rows])
-    summary = {
-        "runs": runs,
-        "training_seconds_by_work": work,
-        "true_collision_heads": int((finals >= TRUE_HEAD).sum()),
-        "partial_collision_heads": int(((finals >= physim.PARTIAL_HEAD_SCORE) & (finals < TRUE_HEAD)).sum()),
-        "heads": int(finals.size),
-        "heads_below_0.2": int((finals < 0.2).sum()),
-        "best_head": max(final_rows, key=lambda r: r["collision_score"]),
-        "one_step_position_error": [s["one_step_position_error"] for s in sims.values()],
-        "power_law_regimes_of_collision_heads": len(table5),
-        "llc_estimates": len(llc_rows),
-        "llc_unhealthy_chains": sum(r["chains"] - r["healthy_chains"] for r in llc_rows),
-        "llc_chains": sum(r["chains"] for r in llc_rows),
-        "claims": {c["claim"]: c["verdict"] for c in claims},
-    }
-    add_time(out, "report", time.time() - t0, accumulate=False)
-    write_markdown(out, preset, runs, final_rows, table5, heads, llc_rows, sims, claims, summary)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# Power laws, head classes and the paper's claims (§3, Appendix D.1)
+# The analysis: power laws, head classes and the paper's claims (§3, Appendix D.1)
 # ----------------------------------------------------------------------------------------------------
 
 def power_law_analysis(metrics: dict, out: str) -> list[dict]:
-    """Every head's class (§3.1), the straight pieces of its log|c| vs log t (physim.find_power_law_regimes)
-    and the verdict at the end of its development (physim.end_of_development), over the checkpoints
-    from 1% of training on (as for the LLC: before that the model is far from any minimum), with the
-    AR(1) coefficient of each run's fluctuations estimated from all of its heads. All pieces, power law
-    or not, go to regimes.csv, with the end-of-development verdict on each head's last piece."""
+    """Every head's class, pieces of log|c| vs log t (from 1% of training) and end-of-development verdict; regimes.csv."""
     heads, rows = [], []
     for run, m in metrics.items():
         window = m.steps >= m.steps[-1] / 100
-        t = m.steps[window]
-        L, H = m.score.shape[1:]
+        t, (L, H) = m.steps[window], m.score.shape[1:]
         rho = physim.noise_correlation(t, [m.corr[window, l, h] for l in range(L) for h in range(H)])
         for l in range(L):
             for h in range(H):
@@ -649,55 +667,44 @@ def power_law_analysis(metrics: dict, out: str) -> list[dict]:
                 rows += [{"run": run, "layer": l, "head": h, "class": heads[-1]["class"], "rho": round(rho, 3),
                           **asdict(p), "end_of_development": p is end["piece"],
                           "head_follows_power_law": end["follows"] if p is end["piece"] else ""} for p in pieces]
-    physim._write_csv(os.path.join(out, "regimes.csv"), rows,
-                      ["run", "layer", "head", "class", "rho"] + [f.name for f in fields(physim.PowerLawFit)]
-                      + ["end_of_development", "head_follows_power_law"])
+    write_csv(os.path.join(out, "regimes.csv"), rows, ["run", "layer", "head", "class", "rho"]
+              + [f.name for f in fields(physim.Regime)] + ["end_of_development", "head_follows_power_law"])
     return heads
-
 
 PLATEAU = 0.25  # free choice: the LLC "plateaus" over a regime if its estimates there stay within 25% of their mean
 STRICT_R2 = 0.8  # free choice: the stricter diagnostic beside the power-law claim (most of Table 5's R² are >= 0.8)
 
-
 def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list[int]) -> list[dict]:
-    """The paper's claims, each checked on our runs: {claim, verdict, ours, paper}. Verdicts are
-    "supported", "partly supported", "not supported" or "not checkable", by the rules stated in `ours`."""
+    """The paper's claims, each checked on our runs: {claim, verdict, ours, paper}, by the rules stated in `ours`."""
     collision = [h for h in heads if h["class"] != "none"]
-    others = [h for h in heads if h["class"] == "none"]
-    claims = []
+    others, claims = [h for h in heads if h["class"] == "none"], []
 
-    def claim(text, verdict, ours, paper):
+    def claim(text, checkable, supported, partly, ours, paper):
+        verdict = ("not checkable" if not checkable else "supported" if supported else
+                   "partly supported" if partly else "not supported")
         claims.append({"claim": text, "verdict": verdict, "ours": ours, "paper": paper})
-
-    paper_rows = paper_table5()
-    paper_heads = len({(r["run"], r["layer"], r["head"]) for r in paper_rows})
+    paper_heads = len({(r["run"], r["layer"], r["head"]) for r in paper_table5()})
     follows = [h for h in collision if h["end"]["follows"]]
     rising = [h for h in collision if h["end"]["piece"] is not None and h["end"]["piece"].exponent >= 0]
     stricter = [h for h in follows if h["end"]["piece"].r2 >= STRICT_R2 and h["end"]["piece"].curvature_p >= 0.01]
     frac = len(follows) / len(collision) if collision else float("nan")
     paper_frac = paper_heads / (paper_heads + PAPER_ANOMALOUS_HEADS)
-    claim("Collision-detection heads follow power laws (§3.2)",
-          "not checkable" if not collision else "supported" if frac >= 0.8 else
-          "partly supported" if frac >= 0.5 else "not supported",
+    claim("Collision-detection heads follow power laws (§3.2)", collision, frac >= 0.8, frac >= 0.5,
           f"{len(follows)} of {len(collision)} collision heads (true or partial) decay as a power law at the end of "
           f"their development (its last changing piece has R² >= {physim.RegimeConfig.min_r2} and no exponential fits "
           f"its decaying stretch better); {len(rising)} rise there instead. Supported at >= 80%, partly at >= 50%. "
           f"Stricter, as a diagnostic: {len(stricter)} with R² >= {STRICT_R2} and no significant curvature",
           f"{paper_heads} of {paper_heads + PAPER_ANOMALOUS_HEADS} ({paper_frac:.0%}); 3 more rising, 3 with none")
     n_other = sum(h["end"]["follows"] for h in others)
-    claim("No other head follows a power law (§3.2)",
-          "not checkable" if not others else "supported" if n_other == 0 else
-          "partly supported" if n_other <= 0.1 * len(others) else "not supported",
+    claim("No other head follows a power law (§3.2)", others, n_other == 0, n_other <= 0.1 * len(others),
           f"{n_other} of {len(others)} heads without collision detection decay as a power law at the end of their "
           f"development (the same rule); supported at 0, partly at <= 10%", "0 heads")
     first = [h for h in collision if h["layer"] == 0]
-    claim("No collision-detection head in the first block (§3.1, Fig. 5)",
-          "supported" if not first else "not supported",
+    claim("No collision-detection head in the first block (§3.1, Fig. 5)", True, not first, False,
           f"{len(first)} collision heads in block 0" + "".join(f"; run {h['run']} head 0-{h['head']}" for h in first),
           "0 of 5 runs x 8 heads")
     mixed = [r for r in runs if {"true", "partial"} <= {h["class"] for h in heads if h["run"] == r}]
-    claim("Every run develops both true and partial collision-detection heads (§3.1)",
-          "supported" if len(mixed) == len(runs) else "partly supported" if mixed else "not supported",
+    claim("Every run develops both true and partial collision-detection heads (§3.1)", True, len(mixed) == len(runs), mixed,
           f"{len(mixed)} of {len(runs)} runs", "5 of 5 runs")
     checked, flat = [], []
     for h in collision:
@@ -709,60 +716,52 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
                 checked.append(f"run {h['run']} {h['layer']}-{h['head']} steps {p.start:.0f}-{p.end:.0f}: "
                                f"LLC {', '.join(f'{v:.2f}' for v in inside)}")
                 flat.append(max(inside) - min(inside) <= PLATEAU * abs(np.mean(inside)))
-    claim("The LLC plateaus while c(t) is in a power-law regime (§3.2, Fig. 1)",
-          "not checkable" if not checked else "supported" if all(flat) else
-          "partly supported" if any(flat) else "not supported",
+    claim("The LLC plateaus while c(t) is in a power-law regime (§3.2, Fig. 1)", checked, all(flat), any(flat),
           (f"{sum(flat)} of {len(checked)} regimes with >= 2 LLC estimates inside stay within {PLATEAU:.0%} of "
            f"their mean: " + "; ".join(checked)) if checked else
           "no power-law regime of a collision head holds 2 or more LLC estimates", "plateaus in the heads of Figs. 1 and 16-19")
     gains = {r: max(s["energy_model"]) / s["energy_true"][0] for r, s in sims.items()}
     claim("The trained model is a stable simulator: no unrealistic energy gain over 1000 steps (Appendix D.2, Fig. 7)",
-          "supported" if all(g <= 1.1 for g in gains.values()) else
-          "partly supported" if any(g <= 1.1 for g in gains.values()) else "not supported",
+          True, all(g <= 1.1 for g in gains.values()), any(g <= 1.1 for g in gains.values()),
           "largest energy along the rollout / initial true energy: " + ", ".join(f"run {r} {g:.3g}" for r, g in gains.items())
           + " (stable at <= 1.1: a damped system only loses energy)", "stable in all 5 runs")
     return claims
 
+# ----------------------------------------------------------------------------------------------------
+# Figures (the paper's Figs. 1-7 and 13-15 from a results folder)
+# ----------------------------------------------------------------------------------------------------
+
+def save_figure(fig, path: str, dpi: int = 120, **layout) -> None:
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 def plot_score_histogram(metrics, train_cfg: TrainConfig, path: str, runs_label: str) -> None:
-    """Fig. 2 (all runs) and Figs. 8-12 (one run each): the distribution of every head's collision
-    score over training, as a 2-D histogram.
-    Only the evenly spaced checkpoints enter, so every stretch of training weighs the same; colours
-    saturate at the 95th percentile of the density, as in the paper."""
+    """Figs. 2 and 8-12: a 2-D histogram of all heads' collision scores at the evenly spaced checkpoints."""
     even = set(np.linspace(0, train_cfg.steps, train_cfg.even_checkpoints + 1).round().astype(int).tolist())
-    xs, ys = [], []
-    for m in metrics:
-        keep = np.isin(m.steps, list(even))
-        n_heads = m.score.shape[1] * m.score.shape[2]
-        xs.append(np.repeat(m.steps[keep], n_heads))
-        ys.append(m.score[keep].reshape(-1))
-    xs, ys = np.concatenate(xs), np.concatenate(ys)
+    keep = [np.isin(m.steps, list(even)) for m in metrics]
+    xs = np.concatenate([np.repeat(m.steps[k], m.score.shape[1] * m.score.shape[2]) for m, k in zip(metrics, keep)])
+    ys = np.concatenate([m.score[k].reshape(-1) for m, k in zip(metrics, keep)])
     hist, xe, ye = np.histogram2d(xs, ys, bins=[train_cfg.even_checkpoints + 1, 40],
                                   range=[[-train_cfg.steps / train_cfg.even_checkpoints / 2,
                                           train_cfg.steps * (1 + 0.5 / train_cfg.even_checkpoints)], [0, 1]])
     vmax = np.percentile(hist[hist > 0], 95) if (hist > 0).any() else 1
     fig, ax = plt.subplots(figsize=(8, 4))
-    mesh = ax.pcolormesh(xe, ye, hist.T, cmap="magma", vmax=vmax)
-    fig.colorbar(mesh, ax=ax, label="number of heads (clipped at 95th percentile)")
+    fig.colorbar(ax.pcolormesh(xe, ye, hist.T, cmap="magma", vmax=vmax), ax=ax,
+                 label="number of heads (clipped at 95th percentile)")
     ax.set(xlabel="training step", ylabel="collision detection score",
            title=f"Collision detection scores of all {metrics[0].score[0].size * len(metrics)} heads of {runs_label} over training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 def band(ax, t, c, se, colour) -> None:
     """|c(t)| ± its bootstrap standard error as a shaded band on log axes (clipped where it reaches 0)."""
     low = np.clip(np.abs(c) - se, np.abs(c) / 10, None)
     ax.fill_between(t, low, np.abs(c) + se, color=colour, alpha=0.25, lw=0)
 
-
 def plot_correlations(m: Metrics, path: str, run: int) -> None:
-    """|c(t)| on log-log axes for every head, a panel per block (cf. Fig. 1 top), with its bootstrap
-    standard error as a band; true collision-detection heads (final score >= 0.8) drawn bold."""
-    L, H = m.score.shape[1:]
+    """|c(t)| ± its standard error on log-log axes for every head, a panel per block; true collision heads bold."""
+    (L, H), t = m.score.shape[1:], m.steps > 0
     fig, axes = plt.subplots(1, L, figsize=(4 * L, 3.6), sharey=True, squeeze=False)
-    t = m.steps > 0
     for l, ax in enumerate(axes[0]):
         for h in range(H):
             final = m.score[-1, l, h]
@@ -772,20 +771,15 @@ def plot_correlations(m: Metrics, path: str, run: int) -> None:
         ax.set(title=f"run {run}, block {l}", xlabel="training step t")
         ax.legend(fontsize=6, title="head (final score)", title_fontsize=6)
     axes[0, 0].set_ylabel("|c(t)| ± standard error")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 def plot_attention(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
                    trajectory: torch.Tensor, path: str) -> None:
-    """Fig. 3: attention of the best head and of a non-collision head, on a free-fall state and on a
-    settled state of an unseen trajectory (T+1, N, 4); a line per pair (i -> j), opacity = attention α_ij."""
+    """Fig. 3: the best and a non-collision head's attention (a line i -> j, opacity α_ij), in free fall and settled."""
     states = torch.stack([trajectory[30], trajectory[-1]])                  # free fall, settled
     with torch.no_grad():
         _, attn = model(states, return_attention=True)                    # (L, 2, H, N, N+1)
-    flat = final_score.reshape(-1)
-    H = final_score.shape[1]
+    flat, H = final_score.reshape(-1), final_score.shape[1]
     heads = [divmod(int(flat.argmax()), H), divmod(int(np.abs(flat).argmin()), H)]
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5))
     for col, (l, h) in enumerate(heads):
@@ -794,45 +788,31 @@ def plot_attention(model: physim.ParticleTransformer, final_score: np.ndarray, p
             p = states[row, :, :2].cpu().numpy()
             a = attn[l, row, h, :, :-1].cpu().numpy()                          # (N, N), zero slot dropped
             i, j = np.nonzero(a > 0.02)
-            segments = np.stack([p[i], p[j]], 1)
-            colors = np.zeros((len(i), 4))
+            segments, colors = np.stack([p[i], p[j]], 1), np.zeros((len(i), 4))
             colors[:, 0], colors[:, 3] = 0.85, a[i, j]
             ax.add_collection(matplotlib.collections.LineCollection(segments, colors=colors, linewidths=1.2))
             for xy in p:
                 ax.add_patch(plt.Circle(xy, preset.sim.diameter / 2, fill=False, lw=0.6, color="0.3"))
-            ax.set(xlim=(0, preset.sim.box_width), ylim=(0, preset.sim.box_height), aspect="equal",
-                   xticks=[], yticks=[])
+            ax.set(xlim=(0, preset.sim.box_width), ylim=(0, preset.sim.box_height), aspect="equal", xticks=[], yticks=[])
             ax.set_title(f"head {l}-{h} (score {final_score[l, h]:.2f}), {name}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 LLC_SMOOTHING = 3  # free choice: B.2's "small, fixed-width sliding window", in LLC checkpoints (centred)
 
-
 def smoothed(values: np.ndarray, width: int = LLC_SMOOTHING) -> np.ndarray:
-    """Mean over a centred sliding window of `width` points (narrower at the ends), non-finite points
-    left out: the LLC curves' smoothing (Appendix B.2)."""
-    half = width // 2
-    windows = [values[max(0, i - half):i + half + 1] for i in range(len(values))]
+    """Mean over a centred window of `width` points (narrower at the ends), non-finite ones left out (B.2)."""
+    windows = [values[max(0, i - width // 2):i + width // 2 + 1] for i in range(len(values))]
     return np.array([w[np.isfinite(w)].mean() if np.isfinite(w).any() else np.nan for w in windows])
 
-
 def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> list[dict]:
-    """Fig. 1 (top) for every head with LLC estimates: |c(t)| ± its standard error on log-log axes, and
-    on a second axis the LLC, each estimate (mean of all chains ± standard error; hollow where a chain
-    is unhealthy) and their smoothed curve (B.2); and its SGLD trace plots (loss vs step for every
-    chain, burn-in and L(w0) marked, unhealthy chains in red)."""
+    """Fig. 1 (top) for every head with LLC estimates: |c(t)| ± se and the LLC; and its SGLD traces."""
     rows = read_csv_rows(os.path.join(rdir, "llc.csv"))
-    with physim.reading(os.path.join(rdir, "llc.csv")):
+    with reading(os.path.join(rdir, "llc.csv")):
         for r in rows:
-            for key in ("step", "layer", "head", "healthy_chains", "chains"):
-                r[key] = int(r[key])
+            r.update({key: int(r[key]) for key in ("step", "layer", "head", "healthy_chains", "chains")})
     records = {}
     for step in sorted({r["step"] for r in rows}):
-        path = llc_path(rdir, step)
-        with physim.reading(path):
+        with reading(path := llc_path(rdir, step)):
             records[step] = read_json(path)
     t = m.steps > 0
     for l, h in sorted({(r["layer"], r["head"]) for r in rows}):
@@ -843,30 +823,24 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
         ax.set(xlabel="training step t", ylabel="|c(t)|, attention-distance correlation",
                title=f"run {run}, head {l}-{h} (final collision score {m.score[-1, l, h]:.2f})")
         ax2 = ax.twinx()
-        steps = np.array([r["step"] for r in mine])
-        llc = np.array([float(r["llc"]) for r in mine])
+        steps, llc = np.array([r["step"] for r in mine]), np.array([float(r["llc"]) for r in mine])
         flagged = np.array([r["healthy_chains"] < r["chains"] for r in mine])
         for hollow, name in ((False, "LLC, all chains healthy"), (True, "LLC, some chain unhealthy")):
             pick = flagged == hollow
             if pick.any():
-                ax2.errorbar(steps[pick], llc[pick], yerr=[float(r["llc_stderr"]) for r, p in zip(mine, pick) if p],
-                             color="tab:green", marker="o", ms=4, ls="none", mfc="white" if hollow else "tab:green",
-                             label=name)
+                ax2.errorbar(steps[pick], llc[pick], [float(r["llc_stderr"]) for r, p in zip(mine, pick) if p], label=name,
+                             color="tab:green", marker="o", ms=4, ls="none", mfc="white" if hollow else "tab:green")
         ax2.plot(steps, smoothed(llc), color="tab:green", lw=1.5, label=f"LLC smoothed ({LLC_SMOOTHING}-point window)")
         ax2.set_ylabel("parameter-restricted LLC", color="tab:green")
         fig.legend(loc="lower center", ncol=2, fontsize=7)            # below the axes: it hides no point
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
-        fig.savefig(os.path.join(fig_dir, f"llc_run{run}_head{l}-{h}.png"), dpi=120)
-        plt.close(fig)
-
-        cols = min(len(mine), 4)
-        nrows = math.ceil(len(mine) / cols)
+        save_figure(fig, os.path.join(fig_dir, f"llc_run{run}_head{l}-{h}.png"), rect=(0, 0.12, 1, 1))
+        cols, nrows = min(len(mine), 4), math.ceil(len(mine) / min(len(mine), 4))
         fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.6 * nrows), squeeze=False)
         for ax, r in zip(axes.flat, mine):
             record = records[r["step"]]
             head = next(x for x in record["heads"] if (x["layer"], x["head"]) == (l, h))
             x = (np.arange(len(head["trace"][0])) + 0.5) * record["trace_thinning"]
-            for c, (trace, health) in enumerate(zip(head["trace"], head["health"])):
+            for trace, health in zip(head["trace"], head["health"]):
                 ax.plot(x, trace, lw=0.6, color="tab:red" if health != "healthy" else None)
             ax.axvline(preset.llc.burn_in, color="black", ls=":", lw=0.8)
             ax.axhline(np.mean(head["init_loss"]), color="black", ls="--", lw=0.8)
@@ -877,11 +851,8 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
             ax.axis("off")
         fig.suptitle(f"SGLD traces, run {run}, head {l}-{h}: L(w0) + L_m(w_t) - L_m(w0) per chain (minibatch noise "
                      "paired out); dotted = burn-in, dashed = L(w0), red = unhealthy", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, f"llc_traces_run{run}_head{l}-{h}.png"), dpi=110)
-        plt.close(fig)
+        save_figure(fig, os.path.join(fig_dir, f"llc_traces_run{run}_head{l}-{h}.png"), dpi=110)
     return rows
-
 
 def plot_energy(out: str, runs: list[int], preset: Preset, path: str) -> None:
     """Fig. 7: mean total energy along a rollout of each trained model and of the ground truth."""
@@ -895,34 +866,26 @@ def plot_energy(out: str, runs: list[int], preset: Preset, path: str) -> None:
     ax.set(xlabel="simulation step", ylabel="total energy (reduced units, log scale)",
            title=f"Energy along {preset.rollout_steps}-step simulations (mean of {preset.rollout_states} states)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 def plot_losses(out: str, runs: list[int], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
         losses = os.path.join(run_dir(out, run), "losses.csv")
-        with physim.reading(losses):
+        with reading(losses):
             rows = [r for r in read_csv_rows(losses) if int(r["step"]) > 0]
-            steps, train, heldout = ([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows],
-                                     [float(r["heldout_loss"]) for r in rows])
-        ax.loglog(steps, train, lw=0.8, label=f"train (mean since last checkpoint), run {run}")
-        ax.loglog(steps, heldout, lw=1.5, label=f"held out, run {run}")
+            steps = [int(r["step"]) for r in rows]
+            for key, lw, name in (("train_loss", 0.8, "train (mean since last checkpoint)"),
+                                  ("heldout_loss", 1.5, "held out")):
+                ax.loglog(steps, [float(r[key]) for r in rows], lw=lw, label=f"{name}, run {run}")
     ax.set(xlabel="training step", ylabel="next-state MSE")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 def plot_head_classes(final_rows: list[dict], runs: list[int], model: ModelConfig, path: str) -> None:
-    """Fig. 5: true and partial collision-detection heads per block at the end of training, a bar per
-    run (true heads dark, partial heads stacked on them, light)."""
+    """Fig. 5: true (dark) and partial (light, stacked) collision heads per block at the end, a bar per run."""
     fig, ax = plt.subplots(figsize=(1.2 + 1.6 * model.n_blocks, 3.6))
-    width = 0.8 / len(runs)
-    colours = plt.cm.tab10.colors
+    width, colours = 0.8 / len(runs), plt.cm.tab10.colors
     for i, run in enumerate(runs):
         x = np.arange(model.n_blocks) - 0.4 + (i + 0.5) * width
         count = {c: np.array([sum(r["class"] == c for r in final_rows if r["run"] == run and r["layer"] == l)
@@ -934,19 +897,13 @@ def plot_head_classes(final_rows: list[dict], runs: list[int], model: ModelConfi
            ylabel="collision detection heads", ylim=(0, model.n_heads),
            title=f"True (score >= {TRUE_HEAD}) and partial (>= {physim.PARTIAL_HEAD_SCORE}) heads per block")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 def plot_power_laws(heads: list[dict], path: str) -> None:
-    """|c(t)| ± its standard error for every collision head of a run, with the pieces found by
-    find_power_law_regimes: power-law regimes as solid red lines (labelled with their exponent), the
-    end of development drawn thicker, other pieces dotted grey; the title gives the head's verdict."""
+    """|c(t)| ± se of every collision head of a run with its pieces (power laws red, the end of development thick)."""
     heads = [h for h in heads if h["class"] != "none"] or sorted(heads, key=lambda h: -h["score"])[:1]
-    cols = min(len(heads), 4)
-    fig, axes = plt.subplots(math.ceil(len(heads) / cols), cols, figsize=(3.8 * cols, 3 * math.ceil(len(heads) / cols)),
-                             squeeze=False)
+    cols, nrows = min(len(heads), 4), math.ceil(len(heads) / min(len(heads), 4))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3 * nrows), squeeze=False)
     for ax, h in zip(axes.flat, heads):
         verdict = "power law at the end" if h["end"]["follows"] else "no power law at the end"
         ax.set_title(f"run {h['run']}, head {h['layer']}-{h['head']} ({h['class']}, {h['score']:.2f}): {verdict}",
@@ -956,8 +913,7 @@ def plot_power_laws(heads: list[dict], path: str) -> None:
         for p in h["pieces"]:
             t = np.geomspace(p.start, p.end, 20)
             ax.loglog(t, np.exp(p.log_constant) * t ** p.exponent, color="tab:red" if p.is_power_law else "0.5",
-                      lw=(3 if p is h["end"]["piece"] else 1.5) if p.is_power_law else 1,
-                      ls="-" if p.is_power_law else ":",
+                      lw=(3 if p is h["end"]["piece"] else 1.5) if p.is_power_law else 1, ls="-" if p.is_power_law else ":",
                       label=f"{p.exponent:+.2f} ± {p.exponent_ci:.2f}" if p.is_power_law else None)
         ax.set_xlabel("training step t", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -967,43 +923,38 @@ def plot_power_laws(heads: list[dict], path: str) -> None:
         ax.axis("off")
     fig.suptitle("|c(t)| ± standard error and the pieces of find_power_law_regimes (red: power-law regimes, thick: "
                  "the end of development; dotted: not a power law)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+    save_figure(fig, path, dpi=110)
 
 def plot_exponents(table5: list[dict], path: str) -> None:
-    """Fig. 6: the exponent of every power-law regime of a collision head, ours beside the paper's
-    Table 5; error bars (95%) omitted where wider than ±0.05, as in the paper."""
+    """Fig. 6: every collision head's power-law exponents, ours beside Table 5's (95% bars only where <= ±0.05)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, rows, name in ((axes[0], paper_table5(), "paper, Table 5"), (axes[1], table5, "ours")):
         for i, r in enumerate(rows):
-            colour = plt.cm.tab10.colors[r["run"] % 10]
             ax.errorbar(i, r["exponent"], yerr=r["exponent_ci"] if r["exponent_ci"] <= 0.05 else None,
-                        fmt="o", ms=4, color=colour, capsize=2)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{r['run']}:{r['layer']}-{r['head']}" for r in rows], rotation=90, fontsize=5)
+                        fmt="o", ms=4, color=plt.cm.tab10.colors[r["run"] % 10], capsize=2)
+        ax.set_xticks(range(len(rows)), [f"{r['run']}:{r['layer']}-{r['head']}" for r in rows], rotation=90, fontsize=5)
         ax.axhline(0, color="0.6", lw=0.6)
         ax.set_title(f"{name}: {len(rows)} regimes", fontsize=9)
     axes[0].set_ylabel("exponent of |c| = A t^exponent")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
+@torch.no_grad()
+def moved_particle_attention(model: physim.ParticleTransformer, state: torch.Tensor, particle: int,
+                             positions: torch.Tensor) -> torch.Tensor:
+    """Figs. 13-15: the attention (L, G, H, N+1) from `particle` of a state (N, 4) moved to each of `positions` (G, 2)."""
+    states = state.expand(len(positions), -1, -1).clone()                       # (G, N, 4)
+    states[:, particle, :2] = positions
+    return model(states, return_attention=True)[1][:, :, :, particle]
 
-def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset, trajectory: torch.Tensor,
-                         fig_dir: str, run: int) -> None:
-    """Figs. 13-15: in a fixed state of an unseen trajectory, one particle (green) is moved to 12 places
-    (6 touching other particles, 6 free) and the attention it gives to every other particle is
-    drawn (red, opacity = attention weight), for the best head and the best partial head (if any)
-    and a head without collision detection."""
+def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
+                         trajectory: torch.Tensor, fig_dir: str, run: int) -> None:
+    """Figs. 13-15: the attention of one particle moved to 12 places (6 touching, 6 free) in three kinds of head."""
     state = trajectory[preset.sim.n_steps // 4]                                 # (N, 4), mid-way to settling
     particle = int(state[:, 1].argmax())                                         # the highest particle
-    others = torch.cat([state[:particle, :2], state[particle + 1:, :2]])
-    d = preset.sim.diameter
+    others, d = torch.cat([state[:particle, :2], state[particle + 1:, :2]]), preset.sim.diameter
     grid = torch.stack(torch.meshgrid(torch.arange(d, preset.sim.box_width - d / 2, d / 4),
-                                      torch.arange(d / 2, preset.sim.box_height - d / 2, d / 4), indexing="xy"), -1)
-    grid = grid.reshape(-1, 2).to(state)
+                                      torch.arange(d / 2, preset.sim.box_height - d / 2, d / 4), indexing="xy"), -1
+                       ).reshape(-1, 2).to(state)
     nearest = torch.cdist(grid, others).min(1).values
     places = []
     for lo, hi in ((0.98 * d, 1.05 * d), (2 * d, float("inf"))):                 # touching, free
@@ -1011,12 +962,10 @@ def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndar
         if len(ok):
             places.append(ok[torch.linspace(0, len(ok) - 1, 6).round().long()])  # spread along the grid
     positions = torch.cat(places)
-    attn = physim.moved_particle_attention(model, state, particle, positions)    # (L, G, H, N+1)
+    attn = moved_particle_attention(model, state, particle, positions)    # (L, G, H, N+1)
     flat, H = final_score.reshape(-1), final_score.shape[1]
-    chosen = {"best head": divmod(int(flat.argmax()), H)}
-    partial = [i for i in np.argsort(-flat) if physim.head_class(flat[i]) == "partial"]
-    if partial:
-        chosen["partial head"] = divmod(int(partial[0]), H)
+    partial = [i for i in np.argsort(-flat) if physim.head_class(flat[i]) == "partial"][:1]
+    chosen = {"best head": divmod(int(flat.argmax()), H), **{"partial head": divmod(int(i), H) for i in partial}}
     chosen["no collision detection"] = divmod(int(np.abs(flat).argmin()), H)
     for kind, (l, h) in chosen.items():
         fig, axes = plt.subplots(3, 4, figsize=(14, 5.2))
@@ -1037,10 +986,92 @@ def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndar
             ax.set_title(f"to the zero key: {float(a[-1]):.2f}", fontsize=7)
         fig.suptitle(f"run {run}, head {l}-{h} ({kind}, score {final_score[l, h]:.2f}): attention of the green "
                      "particle moved over a fixed state (red opacity = attention)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, f"moving_particle_run{run}_head{l}-{h}.png"), dpi=100)
-        plt.close(fig)
+        save_figure(fig, os.path.join(fig_dir, f"moving_particle_run{run}_head{l}-{h}.png"), dpi=100)
 
+def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: float, path: str) -> None:
+    """λ̂ ± se against ε, a panel per probed checkpoint, a line per head; the recommended ε dashed."""
+    steps = sorted({r["step"] for r in rows})
+    fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.4), squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        for i, head in enumerate(sorted({r["head"] for r in rows})):
+            mine = sorted((r for r in rows if r["step"] == step and r["head"] == head), key=lambda r: r["step_size"])
+            ax.plot([r["step_size"] for r in mine], [r["llc"] for r in mine], color=f"C{i}", lw=1, label=f"head {head}")
+            for r in mine:
+                ax.errorbar(r["step_size"], r["llc"], yerr=r["llc_stderr"], color=f"C{i}", marker="o", ms=5,
+                            mfc=f"C{i}" if r["healthy_chains"] == r["chains"] else "white")
+        if cal.step_size is not None:
+            ax.axvline(cal.step_size, color="k", ls="--", lw=1, label="recommended ε")
+        ax.axvline(preset_eps, color="grey", ls=":", lw=1, label="the preset's ε")
+        ax.set(xscale="log", xlabel="SGLD step size ε", ylabel="λ̂ (mean of chains)", title=f"step {step}")
+        grid = sorted({r["step_size"] for r in rows})
+        ax.set_xticks(grid, [f"{e:g}" for e in grid], fontsize=7)
+        ax.minorticks_off()
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(textwrap.fill("LLC calibration (hollow: some chain unhealthy). " + cal.statement, 40 * len(steps)),
+                 fontsize=8)
+    save_figure(fig, path, dpi=110)
+
+# ----------------------------------------------------------------------------------------------------
+# The report: tables and REPORT.md
+# ----------------------------------------------------------------------------------------------------
+
+def write_report(out: str, device: str) -> dict:
+    """Every figure and table from the saved results in `out` (no training), then REPORT.md."""
+    t0 = time.time()
+    preset = preset_from_config(out)
+    runs = finished_runs(out, preset)
+    check(len(runs) > 0, f"{out} holds no finished run yet: nothing to report")
+    os.makedirs(fig_dir := os.path.join(out, "figures"), exist_ok=True)
+    metrics = {r: read_metrics(run_dir(out, r)) for r in runs}
+    # One unseen trajectory for the attention figures (the held-out set's seed; 16x cheaper than it): (T+1, N, 4)
+    trajectory = physim.simulate_states(preset.sim, 1, seed=987_654_321, device=device)[0]
+    final_rows, work = [], {}
+    for run, m in metrics.items():
+        final_rows += [{"run": run, "layer": l, "head": h, **{k: round(float(a[-1, l, h]), 4) for k, a in zip(
+            ("collision_score", "collision_score_se", "correlation", "correlation_se"), m[1:])},
+            "class": physim.head_class(m.score[-1, l, h])} for l in range(m.score.shape[1]) for h in range(m.score.shape[2])]
+        plot_correlations(m, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
+        latest = load_latest_checkpoint(run_dir(out, run))
+        work[run] = {k: round(v, 1) for k, v in latest["history"].get("work_seconds", {}).items()}
+        model = model_from_checkpoint(latest, device)
+        plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
+        plot_score_histogram([m], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"), f"run {run}")
+        plot_moving_particle(model, m.score[-1], preset, trajectory, fig_dir, run)
+    write_csv(os.path.join(out, "final_heads.csv"), final_rows)
+    plot_score_histogram(list(metrics.values()), preset.train, os.path.join(fig_dir, "collision_scores.png"),
+                         f"{len(runs)} run(s)")
+    plot_head_classes(final_rows, runs, preset.model, os.path.join(fig_dir, "head_classes.png"))
+    plot_energy(out, runs, preset, os.path.join(fig_dir, "energy.png"))
+    plot_losses(out, runs, os.path.join(fig_dir, "losses.png"))
+    llc_rows = []
+    for run, m in metrics.items():
+        llc_rows += [{"run": run, **r} for r in plot_llc(run_dir(out, run), m, preset, fig_dir, run)]
+    heads = power_law_analysis(metrics, out)
+    dropped = ("is_power_law", "verdict")
+    table5 = [{**{k: h[k] for k in ("run", "layer", "head", "class")},
+               **{k: v for k, v in asdict(p).items() if k not in dropped}}
+              for h in heads if h["class"] != "none" for p in h["pieces"] if p.is_power_law]
+    write_csv(os.path.join(out, "table5.csv"), table5,
+              ["run", "layer", "head", "class"] + [f.name for f in fields(physim.Regime) if f.name not in dropped])
+    for run in runs:
+        plot_power_laws([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"power_laws_run{run}.png"))
+    plot_exponents(table5, os.path.join(fig_dir, "exponents.png"))
+    sims = {r: read_json(os.path.join(run_dir(out, r), "simulator.json")) for r in runs}
+    claims = check_claims(heads, llc_rows, sims, runs)
+    write_json(os.path.join(out, "claims.json"), claims)
+    finals = np.array([r["collision_score"] for r in final_rows])
+    summary = {
+        "runs": runs, "training_seconds_by_work": work, "true_collision_heads": int((finals >= TRUE_HEAD).sum()),
+        "partial_collision_heads": int(((finals >= physim.PARTIAL_HEAD_SCORE) & (finals < TRUE_HEAD)).sum()),
+        "heads": int(finals.size), "heads_below_0.2": int((finals < 0.2).sum()),
+        "best_head": max(final_rows, key=lambda r: r["collision_score"]),
+        "one_step_position_error": [s["one_step_position_error"] for s in sims.values()],
+        "power_law_regimes_of_collision_heads": len(table5), "llc_estimates": len(llc_rows),
+        "llc_unhealthy_chains": sum(r["chains"] - r["healthy_chains"] for r in llc_rows),
+        "llc_chains": sum(r["chains"] for r in llc_rows), "claims": {c["claim"]: c["verdict"] for c in claims}}
+    add_time(out, "report", time.time() - t0, accumulate=False)
+    write_markdown(out, preset, runs, final_rows, table5, heads, llc_rows, sims, claims, summary)
+    return summary
 
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
@@ -1050,23 +1081,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
                      + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
 
-
 def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5, heads, llc_rows, sims, claims,
                    summary) -> None:
-    """REPORT.md: configuration, wall times, head classes, Table 5, the claims, the LLC and the
-    simulator, with every figure inline and the paper's numbers beside ours."""
+    """REPORT.md: every table and figure, with the paper's numbers beside ours."""
     timings = read_json(os.path.join(out, "timings.json"), default={})
-    full = preset_config(FULL)
-    ours = preset_config(preset)
-    config_rows = [{"setting": f"{group}.{k}", "ours": v, "paper": full[group][k]}
-                   for group in ("sim", "model", "train", "data", "llc") for k, v in ours[group].items()
-                   if v != full[group][k]]
+    full, ours = asdict(FULL), asdict(preset)
+    config_rows = [{"setting": f"{group}.{k}", "ours": v, "paper": full[group][k]} for group in
+                   ("sim", "model", "train", "data", "llc") for k, v in ours[group].items() if v != full[group][k]]
     config_rows += [{"setting": k, "ours": ours[k], "paper": full[k]}
                     for k in ("runs", "rollout_states", "llc_checkpoints", "llc_heads") if ours[k] != full[k]]
-    classes = [{"run": r, **{f"block {l}": "{t} true, {p} partial".format(
-        t=sum(x["class"] == "true" for x in final_rows if x["run"] == r and x["layer"] == l),
-        p=sum(x["class"] == "partial" for x in final_rows if x["run"] == r and x["layer"] == l))
-        for l in range(preset.model.n_blocks)}} for r in runs]
+
+    def count(c, r, l):
+        return sum(x["class"] == c for x in final_rows if x["run"] == r and x["layer"] == l)
+    classes = [{"run": r, **{f"block {l}": f"{count('true', r, l)} true, {count('partial', r, l)} partial"
+                             for l in range(preset.model.n_blocks)}} for r in runs]
     paper = paper_table5()
     t5 = [{"run": r["run"], "head": f"({r['layer']}, {r['head']})", "class": r["class"],
            "exponent": f"{r['exponent']:+.3f} ± {r['exponent_ci']:.3f}", "log A": round(r["log_constant"], 3),
@@ -1074,9 +1102,7 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
            "AR(1) exponent": f"{r['exponent_ar1']:+.3f} ± {r['exponent_ar1_ci']:.3f}",
            "curvature p": f"{r['curvature_p']:.2g}", "exponential p": f"{r['exponential_p']:.2g}"} for r in table5]
     ends = []
-    for h in heads:
-        if h["class"] == "none":
-            continue
+    for h in (h for h in heads if h["class"] != "none"):
         p = h["end"]["piece"]
         inside = (h["t"] >= p.start) & (h["t"] <= p.end) if p else np.zeros(len(h["t"]), bool)
         ends.append({"run": h["run"], "head": f"{h['layer']}-{h['head']}", "class": h["class"],
@@ -1087,140 +1113,121 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
     decay = [r["exponent"] for r in table5 if r["exponent"] < 0]
     figures = sorted(os.listdir(os.path.join(out, "figures")))
 
-    def images(prefix):
-        return "\n".join(f"![{f}](figures/{f})" for f in figures if f.startswith(prefix)) + "\n"
-
+    def images(*prefixes):
+        return "\n".join("\n".join(f"![{f}](figures/{f})" for f in figures if f.startswith(p)) + "\n" for p in prefixes)
+    work = "; ".join(f"run {run}: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(w.items()))
+                     + (f" (checkpoints: {w['checkpoint'] / (w.get('step', 0) + w.get('data chunk', 0)):.0%} of the "
+                        "training work)" if w.get("step") else "") for run, w in summary["training_seconds_by_work"].items())
+    l_m = ("sum over each state’s 4N outputs (Appendix B.1)" if preset.llc_loss == "sum" else
+           "mean over each state’s 4N outputs (F.mse_loss)")
+    true_mean = np.mean([r['collision_score'] for r in final_rows if r['class'] == 'true'] or [float('nan')])
     lines = [
         "# physim reproduction report\n",
-        f"Results in `{out}`, runs {runs} of {preset.runs}; written {time.strftime('%Y-%m-%d %H:%M')} by "
-        f"`python reproduce.py --report {out}` (also the last step of every run). Every number below is "
-        "measured on these runs; the paper's numbers stand beside them where the paper gives any.\n",
+        f"Results in `{out}`, runs {runs} of {preset.runs}; written {time.strftime('%Y-%m-%d %H:%M')} by `python "
+        f"reproduce.py --report {out}` (also the last step of every run). Every number below is measured on these "
+        "runs; the paper's numbers stand beside them where the paper gives any.\n",
         "## Configuration\n",
         "Settings that differ from the paper's (Tables 1-4; everything else is the paper's):\n",
         markdown_table(config_rows),
         "## Wall times\n",
         markdown_table([{"stage": k, "seconds": v} for k, v in timings.items()])
         + f"\nTotal: {sum(timings.values()) / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads. "
-        + "Training time by kind of work (to the last checkpoint): " + "; ".join(
-            f"run {run}: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(w.items()))
-            + (f" (checkpoints: {w['checkpoint'] / (w.get('step', 0) + w.get('data chunk', 0)):.0%} of the training work)"
-               if w.get("step") else "") for run, w in summary["training_seconds_by_work"].items()) + ".\n",
+        + f"Training time by kind of work (to the last checkpoint): {work}.\n",
         "## The paper's claims, checked\n",
-        markdown_table([{"claim": c["claim"], "verdict": f"**{c['verdict']}**", "ours": c["ours"], "paper": c["paper"]}
-                        for c in claims]),
+        markdown_table([{**c, "verdict": f"**{c['verdict']}**"} for c in claims]),
         "## Head classes (§3.1, Fig. 5)\n",
-        f"Rule: a head is a true collision-detection head if its final collision score is >= {TRUE_HEAD}, "
-        f"partial if >= {physim.PARTIAL_HEAD_SCORE}, else none (the paper: a true cluster near 0.95 and "
-        "partial clusters between about 0.3 and 0.8).\n",
+        f"Rule: a head is a true collision-detection head if its final collision score is >= {TRUE_HEAD}, partial if "
+        f">= {physim.PARTIAL_HEAD_SCORE}, else none (the paper: a true cluster near 0.95 and partial clusters between "
+        "about 0.3 and 0.8).\n",
         markdown_table(classes),
         f"\nOurs: {summary['true_collision_heads']} true and {summary['partial_collision_heads']} partial of "
-        f"{summary['heads']} heads; the mean final score of our true heads is "
-        f"{np.mean([r['collision_score'] for r in final_rows if r['class'] == 'true'] or [float('nan')]):.2f} "
-        "(paper: a cluster near 0.95).\n",
-        images("head_classes"), images("collision_scores"),
+        f"{summary['heads']} heads; the mean final score of our true heads is {true_mean:.2f} (paper: a cluster near "
+        "0.95).\n",
+        images("head_classes", "collision_scores"),
         "## Power laws of c(t) (Table 5, Fig. 6)\n",
-        "The paper's rule (§3.2): at the end of its development (at the end of training, or before c stops "
-        "changing) the correlation of a collision head evolves as a power law, a section of log|c| vs log t "
-        "with a good linear fit. `physim.find_power_law_regimes` cuts each head's log|c| vs log t into straight "
-        "pieces (checkpoints from 1% of training on); a piece is a power-law regime if its exponent is resolved "
-        f"and R² >= {physim.RegimeConfig.min_r2} (Table 5 keeps 0.525 and up). c(t) drifts from checkpoint to "
-        "checkpoint, so intervals and tests allow for AR(1) errors, with the coefficient ρ estimated per run "
-        "(" + ", ".join(f"run {r}: ρ = {v:.2f}" for r, v in rhos.items()) + "). `physim.end_of_development` "
-        "takes the last such regime as the end of a head's development, and counts the head as following a "
-        "power law if it decays there and an exponential decay does not fit its decaying stretch significantly "
-        "better. Every piece, with its diagnostics, is in `regimes.csv`.\n",
-        "**Each collision head at the end of its development**, beside the change of |c| over that piece and "
-        "the bootstrap standard error of c at the end of training:\n",
+        "The paper's rule (§3.2): at the end of its development (at the end of training, or before c stops changing) "
+        "the correlation of a collision head evolves as a power law, a section of log|c| vs log t with a good linear "
+        "fit. `physim.find_power_law_regimes` cuts each head's log|c| vs log t into straight pieces (checkpoints from "
+        "1% of training on); a piece is a power-law regime if its exponent is resolved and R² >= "
+        f"{physim.RegimeConfig.min_r2} (Table 5 keeps 0.525 and up). c(t) drifts from checkpoint to checkpoint, so "
+        "intervals and tests allow for AR(1) errors, with the coefficient ρ estimated per run ("
+        + ", ".join(f"run {r}: ρ = {v:.2f}" for r, v in rhos.items()) + "). `physim.end_of_development` takes the last "
+        "such regime as the end of a head's development, and counts the head as following a power law if it decays "
+        "there and an exponential decay does not fit its decaying stretch significantly better. Every piece, with its "
+        "diagnostics, is in `regimes.csv`.\n",
+        "**Each collision head at the end of its development**, beside the change of |c| over that piece and the "
+        "bootstrap standard error of c at the end of training:\n",
         markdown_table(ends),
-        "\n**Table 5, ours**: every power-law regime of a collision head (the exponent's ± is the paper's iid "
-        "95% interval; the AR(1) columns and the p values of a curvature and an exponential term are diagnostics):\n",
+        "\n**Table 5, ours**: every power-law regime of a collision head (the exponent's ± is the paper's iid 95% "
+        "interval; the AR(1) columns and the p values of a curvature and an exponential term are diagnostics):\n",
         markdown_table(t5),
         f"\nOurs: {len(table5)} regimes of collision heads, {len(decay)} with a negative exponent"
         + (f" (from {min(decay):+.3f} to {max(decay):+.3f}, median {np.median(decay):+.3f})" if decay else "")
         + f". Paper: {len(paper)} regimes, all negative, from {min(r['exponent'] for r in paper):+.3f} to "
         f"{max(r['exponent'] for r in paper):+.3f}, median {np.median([r['exponent'] for r in paper]):+.3f}, "
         f"R² {min(r['r2'] for r in paper):.2f}-{max(r['r2'] for r in paper):.2f}.\n",
-        images("exponents"), images("power_laws"),
+        images("exponents", "power_laws"),
         "## Attention-distance correlation and the LLC (Fig. 1)\n",
-        f"Each LLC is the mean over all {preset.llc.chains} chains ± its standard error, as the paper reports it, "
-        f"with L_m the {'sum over each state’s 4N outputs (Appendix B.1)' if preset.llc_loss == 'sum' else 'mean over each state’s 4N outputs (F.mse_loss)'}. "
-        "The chains' health verdicts are diagnostics beside it: a flagged estimate keeps every chain. The "
-        f"figures draw every estimate and a {LLC_SMOOTHING}-point sliding mean (B.2's smoothing).\n",
+        f"Each LLC is the mean over all {preset.llc.chains} chains ± its standard error, as the paper reports it, with "
+        f"L_m the {l_m}. The chains' health verdicts are diagnostics beside it: a flagged estimate keeps every chain. "
+        f"The figures draw every estimate and a {LLC_SMOOTHING}-point sliding mean (B.2's smoothing).\n",
         markdown_table([{"run": r["run"], "step": r["step"], "head": f"{r['layer']}-{r['head']}",
                          "LLC": f"{float(r['llc']):.3g} ± {float(r['llc_stderr']):.2g}",
-                         "healthy chains": f"{r['healthy_chains']}/{r['chains']}",
-                         "flag": r["unhealthy"] or ""} for r in llc_rows]),
-        images("correlation_run"), images("llc_run"), images("llc_traces"),
+                         "healthy chains": f"{r['healthy_chains']}/{r['chains']}", "flag": r["unhealthy"] or ""}
+                        for r in llc_rows]),
+        images("correlation_run", "llc_run", "llc_traces"),
         "## Attention patterns (Fig. 3, Figs. 13-15)\n",
-        images("attention_run"), images("moving_particle"),
+        images("attention_run", "moving_particle"),
         "## The model as a simulator (Appendix D.2, Fig. 7)\n",
         markdown_table([{"run": r, "one-step position error": f"{s['one_step_position_error']:.3g}",
                          "energy after rollout / true": f"{s['energy_model'][-1] / s['energy_true'][-1]:.3g}"}
                         for r, s in sims.items()]),
         "\nPaper: the fully trained models are stable simulators whose energy follows the ground truth.\n",
-        images("energy"), images("losses"),
+        images("energy", "losses"),
     ]
-    physim._atomic_write(os.path.join(out, "REPORT.md"), lambda tmp: open(tmp, "w").write("\n".join(lines)))
-
+    write_text(os.path.join(out, "REPORT.md"), "\n".join(lines))
 
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks (python reproduce.py bench)
 # ----------------------------------------------------------------------------------------------------
 
-def synchronize(device: str) -> None:
-    """Wait for the work queued on a CUDA device (a no-op on the CPU), so that timings cover it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
+def timed(fn, device: str) -> float:
+    """Wall time of one call of fn, the work it queues on a CUDA device included."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    synchronize()
+    t0 = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - t0
 
 def wall_time(fn, device: str, repeat: int = 3) -> float:
     """Median wall time of `repeat` calls of fn (after a warm-up call)."""
     fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median([timed(fn, device) for _ in range(repeat)]))
 
+def with_fused(fused: bool, fn):
+    """fn() with ParticleAttention.fused set to `fused` (restored to True after)."""
+    physim.ParticleAttention.fused = fused
+    try:
+        return fn()
+    finally:
+        physim.ParticleAttention.fused = True
 
 class MHABaseline(torch.nn.Module):
-    """The plain baseline of the training benchmark: PyTorch's eager nn.MultiheadAttention with a
-    self-mask and add_zero_attn in place of ParticleAttention (the same function, proven by
-    test_attention_equals_pytorch_multihead_attention)."""
-
+    """The training benchmark's baseline: ParticleAttention's function by eager nn.MultiheadAttention."""
     def __init__(self, embed_dim: int, n_heads: int):
         super().__init__()
         self.mha = torch.nn.MultiheadAttention(embed_dim, n_heads, add_zero_attn=True, batch_first=True)
 
     def forward(self, x, need_weights: bool = False):
-        N = x.shape[1]
-        self_mask = torch.eye(N, dtype=torch.bool, device=x.device)
+        self_mask = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
         return self.mha(x, x, x, attn_mask=self_mask, need_weights=need_weights, average_attn_weights=False)
-
 
 TINY_MLP_STEPS = 2000           # bench's tiny-MLP SGLD row: chain length (1000 burn-in + 1000 draws)
 SPLIT_HEAD_STEPS = 4            # bench's per-head row on the paper's model: chain length (all 4 averaged)
 
-
 def bench(device: str, out: str) -> list[dict]:
-    """Each of our batched or fused paths against a plain baseline, both measured in this run:
-    - the simulator: 16 trajectories in one batched call vs one trajectory at a time (Table 3, 256 steps);
-    - a training step (forward, backward, Adam) of the paper's model at batch 64: ours vs the same
-      model built on eager nn.MultiheadAttention;
-    - a training step of the scaled preset: the fused attention vs the explicit one, same model; and
-      torch.compile vs eager (the compile time in the row's name);
-    - the whole training loop of the scaled preset, data and checkpoints included (2000 steps with
-      the preset's checkpoint density and its held-out set): fused vs explicit attention;
-    - estimate_llc on the scaled-down model restricted to one head: 8 chains batched in one vmap vs
-      the same 8 chains one after another, at m = 8 and Table 1's m = 256;
-    - estimate_llc on a tiny MLP (issue 13's comparison with peer libraries), one thread: the same,
-      and the batched chains eager vs with a torch.compile'd step (compile time in the row's name).
-    - estimate_llc on one head of block 2 of the paper's model at m = 256, one thread: the whole model
-      vs FromBlock with its prefix.
-    Writes out/bench.csv and returns its rows."""
+    """Each batched, fused or compiled path against a plain baseline, both timed now: out/bench.csv's rows."""
     rows = []
 
     def row(benchmark: str, baseline: str, ours: str, units: float, t_base: float, t_ours: float) -> None:
@@ -1228,12 +1235,17 @@ def bench(device: str, out: str) -> list[dict]:
                      "baseline steps/s": round(units / t_base, 2), "ours steps/s": round(units / t_ours, 2),
                      "speedup": round(t_base / t_ours, 2), "device": device, "threads": torch.get_num_threads()})
 
+    def chains_row(name: str, net, data, subset, cfg: LLCConfig) -> float:
+        alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
+        looped = wall_time(lambda: [physim.estimate_llc(net, mse, data, subset, c) for c in alone], device, 1)
+        batched = wall_time(lambda: physim.estimate_llc(net, mse, data, subset, cfg), device, 1)
+        row(name, "chains in a Python loop", "chains batched by vmap", cfg.chains * cfg.steps, looped, batched)
+        return batched
     sim = SCALED.sim
     p, v = physim.random_initial_state(sim, 16, torch.Generator().manual_seed(0), device)
     row("simulator, 16 trajectories x 256 steps", "one trajectory at a time", "all 16 batched", 16 * 256,
         wall_time(lambda: [physim.simulate(p[i:i + 1], v[i:i + 1], sim, 256) for i in range(16)], device, 1),
         wall_time(lambda: physim.simulate(p, v, sim, 256), device, 1))
-
     torch.manual_seed(0)
     ours = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
     baseline = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
@@ -1242,68 +1254,45 @@ def bench(device: str, out: str) -> list[dict]:
     baseline.load_state_dict({k.replace("attn.in_proj.weight", "attn.mha.in_proj_weight")
                                .replace("attn.in_proj.bias", "attn.mha.in_proj_bias")
                                .replace("attn.out_proj", "attn.mha.out_proj"): v for k, v in ours.state_dict().items()})
-    stream = physim.TrainingStream(FULL.sim, DataConfig(chunk_trajectories=4), FULL.train.batch_size, 0, device)
-    x, y = stream.batch(0)
+    x, y = physim.TrainingStream(FULL.sim, DataConfig(chunk_trajectories=4), FULL.train.batch_size, 0, device).batch(0)
     with torch.no_grad():
-        physim._require(torch.allclose(ours(x), baseline(x), atol=1e-4), "bench: the baseline model differs from ours")
+        check(torch.allclose(ours(x), baseline(x), atol=1e-4), "bench: the baseline model differs from ours")
     opt_ours, opt_base = torch.optim.Adam(ours.parameters()), torch.optim.Adam(baseline.parameters())
     row(f"training step, paper's model, batch {FULL.train.batch_size}", "eager nn.MultiheadAttention",
         "ParticleAttention (fused)", 1, wall_time(lambda: physim.training_step(baseline, opt_base, x, y), device, 5),
         wall_time(lambda: physim.training_step(ours, opt_ours, x, y), device, 5))
-
     torch.manual_seed(0)
     model = physim.ParticleTransformer(SCALED.model, SCALED.sim).to(device)
-    stream = physim.TrainingStream(SCALED.sim, DataConfig(chunk_trajectories=4), SCALED.train.batch_size, 0, device)
-    x, y = stream.batch(0)
+    x, y = physim.TrainingStream(SCALED.sim, DataConfig(chunk_trajectories=4), SCALED.train.batch_size, 0,
+                                 device).batch(0)
     optimizers = {fused: torch.optim.Adam(model.parameters(), lr=SCALED.train.lr) for fused in (False, True)}
-
-    def scaled_step(fused: bool) -> float:
-        physim.ParticleAttention.fused = fused
-        try:
-            return wall_time(lambda: physim.training_step(model, optimizers[fused], x, y), device, 30)
-        finally:
-            physim.ParticleAttention.fused = True
-    row(f"training step, scaled preset, batch {SCALED.train.batch_size}", "explicit attention", "fused attention",
-        1, scaled_step(False), scaled_step(True))
+    row(f"training step, scaled preset, batch {SCALED.train.batch_size}", "explicit attention", "fused attention", 1,
+        *(with_fused(fused, lambda: wall_time(lambda: physim.training_step(model, optimizers[fused], x, y), device, 30))
+          for fused in (False, True)))
     t0 = time.perf_counter()
-    compiled = physim._compiled(model, x)                    # falls back to the eager model where compiling fails
+    compiled = torch.compile(model) if compile_works() else model
+    physim.training_step(compiled, optimizers[True], x, y)       # compiles
     compile_seconds = time.perf_counter() - t0
     row(f"training step, scaled preset, batch {SCALED.train.batch_size} (compiling took {compile_seconds:.0f} s)",
         "eager", "torch.compile", 1, wall_time(lambda: physim.training_step(model, optimizers[True], x, y), device, 30),
         wall_time(lambda: physim.training_step(compiled, optimizers[True], x, y), device, 30))
-
     steps = min(2000, SCALED.train.steps)
     loop = TrainConfig(**{**asdict(SCALED.train), "steps": steps,
                           "even_checkpoints": max(1, round(steps * SCALED.train.even_checkpoints / SCALED.train.steps))})
 
     def scaled_loop(fused: bool) -> float:
-        physim.ParticleAttention.fused = fused
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                synchronize(device)
-                t0 = time.perf_counter()
-                physim.train(tmp, SCALED.sim, SCALED.model, loop, SCALED.data, device, label=None)
-                synchronize(device)
-                return time.perf_counter() - t0
-        finally:
-            physim.ParticleAttention.fused = True
+        with tempfile.TemporaryDirectory() as tmp:
+            return with_fused(fused, lambda: timed(lambda: train_run(tmp, SCALED.sim, SCALED.model, loop, SCALED.data,
+                                                                     device, label=None), device))
     row(f"training loop, scaled preset, {loop.steps} steps with data and {len(physim.checkpoint_steps(loop))} "
         "checkpoints", "explicit attention", "fused attention", loop.steps, scaled_loop(False), scaled_loop(True))
-
-    head = physim.head_parameters(model, 1, 0)
-    mse = torch.nn.functional.mse_loss
+    head, mse = physim.head_parameters(model, 1, 0), torch.nn.functional.mse_loss
     states = physim.simulate_states(SCALED.sim, 4, seed=0, device=device)          # (4, T+1, N, 4)
     x, y = states[:, :-1].flatten(0, 1), states[:, 1:].flatten(0, 1)     # a fixed pool: time SGLD, not data
     for m, steps in ((8, 40), (256, 8)):
-        cfg = LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8)
-        alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
-        data = physim.dataset_batches(x, y, m)
-        row(f"SGLD on one head, 8 chains, m={m}", "chains in a Python loop", "chains batched by vmap",
-            cfg.chains * cfg.steps, wall_time(lambda: [physim.estimate_llc(model, mse, data, head, c) for c in alone], device, 1),
-            wall_time(lambda: physim.estimate_llc(model, mse, data, head, cfg), device, 1))
-
-    # The peer comparison of issue 13: a 2-16-16-1 tanh MLP regression, 8 chains of 1000 burn-in + 1000
-    # draws at m = 64 on one thread, each chain with its own minibatches and the paired L_m(w₀).
+        chains_row(f"SGLD on one head, 8 chains, m={m}", model, physim.dataset_batches(x, y, m), head,
+                   LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8))
+    # The peer comparison of issue 13: a 2-16-16-1 tanh MLP regression, 8 chains at m = 64 on one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1314,22 +1303,17 @@ def bench(device: str, out: str) -> list[dict]:
         data = physim.dataset_batches(x, torch.sin(x.sum(1, keepdim=True)), 64)
         cfg = LLCConfig(step_size=1e-4, nbeta=100.0, batch_size=64, steps=TINY_MLP_STEPS,
                         burn_in=TINY_MLP_STEPS // 2, chains=8)
-        alone = [LLCConfig(**{**asdict(cfg), "chains": 1, "seed": cfg.seed + c}) for c in range(cfg.chains)]
         everything = {n: None for n, _ in mlp.named_parameters()}
-        batched = wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg), device, 1)
-        row("SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64", "chains in a Python loop", "chains batched by vmap",
-            cfg.chains * cfg.steps, wall_time(lambda: [physim.estimate_llc(mlp, mse, data, everything, c) for c in alone],
-                                              device, 1), batched)
+        batched = chains_row("SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64", mlp, data, everything, cfg)
         t0 = time.perf_counter()
-        physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=True)    # compiles, then runs the chains
+        can_compile = compile_works()
+        physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=can_compile)    # compiles, then runs the chains
         first = time.perf_counter() - t0
-        compiled = wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=True), device, 1)
+        compiled = wall_time(lambda: physim.estimate_llc(mlp, mse, data, everything, cfg, compile_step=can_compile),
+                             device, 1)
         row(f"SGLD on a 2-16-16-1 tanh MLP, 8 chains, m=64 (compiling took {first - compiled:.1f} s)",
             "chains batched by vmap", "the same, torch.compile'd step", cfg.chains * cfg.steps, batched, compiled)
-
-        # A head's LLC costs only what depends on it: a head of block 2 of the paper's model at Table 1's
-        # m = 256, 4 chains, the whole model against FromBlock with its prefix (the embedding and the
-        # blocks before, once per minibatch), in (head, chain) steps per second.
+        # A head's LLC costs only what depends on it: a block-2 head of the paper's model, whole vs FromBlock.
         torch.manual_seed(0)
         full = physim.ParticleTransformer(FULL.model, FULL.sim).to(device)
         block = min(2, FULL.model.n_blocks - 1)
@@ -1344,28 +1328,17 @@ def bench(device: str, out: str) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
-    physim._write_csv(os.path.join(out, "bench.csv"), rows)
+    write_csv(os.path.join(out, "bench.csv"), rows)
     return rows
 
-
 def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
-    """How long `preset` takes on this device, projected from unit costs measured now: one row per
-    stage (unit, its measured seconds, how many units all of the preset's runs make, their product)
-    and a total. Per run:
-      training = steps x (a training step + its share of simulating a data chunk)
-                 + checkpoints x (held-out metrics + writing the checkpoint) + the held-out set;
-      rollout  = the ground truth + rollout_steps model steps + the one-step errors (Appendix D.2);
-      LLC      = LLC checkpoints x (llc_heads + 1) (head, checkpoint) estimates: the most a run makes
-                 (it makes fewer where fewer heads become collision heads).
-    The report at the end (seconds to minutes) is left out. The model is untrained: the costs do
-    not depend on its weights."""
+    """`preset`'s wall time here: per stage, a unit's cost measured now times the units all runs make; and a total."""
     sim, model_cfg, train_cfg, llc = preset.sim, preset.model, preset.train, preset.llc
 
     def simulation(trajectories: int, steps: int) -> float:
-        """Seconds to simulate `trajectories` trajectories of `steps` steps: 16 steps timed, scaled."""
+        """Seconds to simulate `trajectories` trajectories of `steps` steps (16 steps timed, scaled)."""
         p, v = physim.random_initial_state(sim, trajectories, torch.Generator().manual_seed(0), device)
         return wall_time(lambda: physim.simulate(p, v, sim, 16), device, 1) * steps / 16
-
     torch.manual_seed(0)
     model = physim.ParticleTransformer(model_cfg, sim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
@@ -1382,26 +1355,22 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     def checkpoint():
         physim.head_metrics(model, heldout, heldout, resamples)
         with tempfile.TemporaryDirectory() as tmp:
-            physim.save_checkpoint(os.path.join(tmp, "c.pt"), model, optimizer, 0, {}, {"metrics": []})
-            physim.save_weights(os.path.join(tmp, "w.pt"), model, 0, {})
+            save_torch(os.path.join(tmp, "c.pt"), {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+            save_torch(os.path.join(tmp, "w.pt"), {"model": {k: v.half() for k, v in model.state_dict().items()}})
     data_share = simulation(preset.data.chunk_trajectories, sim.n_steps) / stream.batches_per_chunk
     rows = [("training", f"training step, batch {train_cfg.batch_size}, with its data",
              wall_time(lambda: [train_step() for _ in range(20)], device) / 20 + data_share, train_cfg.steps),
             ("training", f"held-out metrics on {preset.data.heldout_states} states and a checkpoint",
              wall_time(checkpoint, device), len(physim.checkpoint_steps(train_cfg))),
             ("training", f"simulating the held-out set ({preset.data.heldout_states} trajectories)",
-             math.ceil(preset.data.heldout_states / physim.HELDOUT_CHUNK)
-             * simulation(min(physim.HELDOUT_CHUNK, preset.data.heldout_states), sim.n_steps), 1)]
-
+             math.ceil(preset.data.heldout_states / 32) * simulation(min(32, preset.data.heldout_states), sim.n_steps), 1)]
     with torch.no_grad():
         step_b = wall_time(lambda: model(pool_x[:preset.rollout_states]), device, 5)
         step_256 = wall_time(lambda: model(pool_x), device)
     rollout = (simulation(preset.rollout_states, preset.rollout_steps) + preset.rollout_steps * step_b
                + math.ceil(preset.rollout_states * preset.rollout_steps / 256) * step_256)
     rows.append(("rollout", f"{preset.rollout_states} states x {preset.rollout_steps} steps, and the truth", rollout, 1))
-
-    # The heads, spread over blocks 1 to L-1 (the paper finds no collision head in block 0): a head's
-    # SGLD step costs less the later its block, since the backward pass stops there.
+    # The heads, spread over blocks 1 to L-1 (none in block 0): the later a head's block, the cheaper its SGLD step.
     later = max(model_cfg.n_blocks - 1, 1)
     heads = [(min(1 + i % later, model_cfg.n_blocks - 1), i // later % model_cfg.n_heads)
              for i in range(preset.llc_heads + 1)]
@@ -1409,24 +1378,20 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     group = len(heads)
 
     def sgld(n_heads: int, chains: int, n_steps: int) -> float:
-        nonlocal group
         cfg = LLCConfig(**{**asdict(llc), "steps": n_steps, "burn_in": 0, "chains": chains})
-        synchronize(device)
-        t0 = time.perf_counter()
-        _, group = llc_of_heads(model, physim.LLC_LOSSES[preset.llc_loss], data, heads[:n_heads], cfg, min(group, n_heads))
-        synchronize(device)
-        return time.perf_counter() - t0
+
+        def run():
+            nonlocal group
+            _, group = llc_of_heads(model, LLC_LOSSES[preset.llc_loss], data, heads[:n_heads], cfg, min(group, n_heads))
+        return timed(run, device)
 
     def per_step(n_heads: int, chains: int) -> float:
         short = sgld(n_heads, chains, 4)                  # the first call also pays one-off set-up costs
         if short >= 4:
             return short / 4
         return (sgld(n_heads, chains, 24) - sgld(n_heads, chains, 4)) / 20   # cheap: difference out fixed costs
-
-    # All heads x chains batched, as run_llc does them. A CPU that runs out of memory is killed, not
-    # told, so there a batch of over 2^18 particle-rows a step (~16 GB at the full model's ~1 GB per
-    # (head, chain) at m = 256) is not tried: one chain is timed with 1 and with 2 heads instead, and
-    # scaled (per chain, the L_m(w0) pass is shared by the heads and the rest is per head).
+    # All heads x chains batched, as run_llc does. A CPU out of memory is killed, so past 2^18 particle-rows a step
+    # (~16 GB) one chain is timed with 1 and 2 heads and scaled (L_m(w0) is shared by the heads, the rest is per head).
     if device == "cpu" and len(heads) * llc.chains * llc.batch_size * sim.n_particles > 2 ** 18:
         one, two = per_step(1, 1), per_step(2, 1)
         sgld_step, groups = llc.chains * (2 * one - two + len(heads) * (two - one)), 1
@@ -1442,7 +1407,6 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
     estimates = len(llc_steps(physim.checkpoint_steps(train_cfg), preset.llc_checkpoints)) * len(heads)
     rows.append(("LLC", f"one (head, checkpoint): {llc.chains} chains x {llc.steps} SGLD steps at m = "
                         f"{llc.batch_size}, {how}", (llc.steps * sgld_step + llc_data) / len(heads), estimates))
-
     table = [{"preset": label, "stage": stage, "unit": unit, "unit seconds": round(t, 4), "units": n * preset.runs,
               "seconds": round(t * n * preset.runs, 1), "hours": round(t * n * preset.runs / 3600, 2)}
              for stage, unit, t, n in rows]
@@ -1451,54 +1415,42 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
                   "unit seconds": "", "units": "", "seconds": round(total, 1), "hours": round(total / 3600, 2)})
     return table
 
-
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Reproduce 'Emergence of Computational Structure in a Neural Network Physics Simulator'.")
-    parser.add_argument("command", nargs="?", choices=["run", "bench", "calibrate"], default="run",
-                        help="run: train, measure and draw everything (default); bench: time the batched "
-                             "parts against plain baselines (bench.csv) and project the wall time of the "
-                             "scaled and the --full run on this device (projection.csv); calibrate: probe "
-                             "the LLC's step size on a trained run in --out (calibration.csv, .json, .png)")
-    parser.add_argument("--full", action="store_true",
-                        help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
-                             "the scaled-down run that fits a 2-core CPU in 12 minutes")
-    parser.add_argument("--medium", action="store_true",
-                        help="the paper's training recipe (Table 2) on a smaller model, one run: the paper's "
-                             "dynamics in about 80 minutes on a 2-core CPU")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to compute: auto picks cuda when available (default: auto)")
-    parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help="N runs (seeds 0 ... N-1) instead of the preset's (1, or 5 with --full); a folder "
-                             "grows to more seeds by re-running with a larger N")
-    parser.add_argument("--runs", default=None, metavar="LIST",
-                        help="comma-separated run numbers to do in this call, e.g. 0,3 (default: all); "
-                             "calls for different runs can share one --out, e.g. one per GPU or Slurm task")
-    parser.add_argument("--llc-shard", default=None, metavar="I/N",
-                        help="only the LLC estimates of shard I of N (e.g. 3/16) over the (run, checkpoint) "
-                             "pairs of the runs already trained in --out; many such calls (jobs) can share "
-                             "one --out, and --report then merges what is there")
-    parser.add_argument("--no-llc", action="store_true",
-                        help="train and roll out only, no LLC and no report: the LLC stage is then spread "
-                             "over --llc-shard calls, and --report merges it all")
-    parser.add_argument("--time-limit", default=None, metavar="DURATION",
-                        help="stop cleanly after this long (e.g. 3h50m, 90m or 3:50:00: a little under a "
-                             "job's wall limit), saving what a resume needs, and exit with status 75; "
-                             "SIGUSR1 does the same (Slurm: --signal=B:USR1@300). Re-run to resume")
-    parser.add_argument("--compile", action="store_true",
-                        help="train a torch.compile'd model (falls back to eager where compiling fails)")
-    parser.add_argument("--report", metavar="DIR", default=None,
-                        help="rebuild every figure, table and DIR/REPORT.md from the results saved in DIR, "
-                             "without training (whatever runs are finished there)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: runs/full with --full, runs/medium with --medium, "
-                             "runs/bench for bench, else runs/scaled); re-running into the same folder resumes")
+    parser = argparse.ArgumentParser(description="Reproduce 'Emergence of Computational Structure in a Neural Network "
+                                                 "Physics Simulator'.")
+    add = parser.add_argument
+    add("command", nargs="?", choices=["run", "bench", "calibrate"], default="run", help="run: train, measure and draw "
+        "everything (default); bench: time the batched parts against plain baselines (bench.csv) and project the wall time "
+        "of the scaled and the --full run on this device (projection.csv); calibrate: probe the LLC's step size on a "
+        "trained run in --out (calibration.csv, .json, .png)")
+    add("--full", action="store_true", help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
+        "the scaled-down run that fits a 2-core CPU in 12 minutes")
+    add("--medium", action="store_true", help="the paper's training recipe (Table 2) on a smaller model, one run: the "
+        "paper's dynamics in about 80 minutes on a 2-core CPU")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute: auto picks cuda when "
+        "available (default: auto)")
+    add("--seeds", type=int, default=None, metavar="N", help="N runs (seeds 0 ... N-1) instead of the preset's (1, or 5 "
+        "with --full); a folder grows to more seeds by re-running with a larger N")
+    add("--runs", default=None, metavar="LIST", help="comma-separated run numbers to do in this call, e.g. 0,3 (default: "
+        "all); calls for different runs can share one --out, e.g. one per GPU or Slurm task")
+    add("--llc-shard", default=None, metavar="I/N", help="only the LLC estimates of shard I of N (e.g. 3/16) over the "
+        "(run, checkpoint) pairs of the runs already trained in --out; many such calls (jobs) can share one --out, and "
+        "--report then merges what is there")
+    add("--no-llc", action="store_true", help="train and roll out only, no LLC and no report: the LLC stage is then spread "
+        "over --llc-shard calls, and --report merges it all")
+    add("--time-limit", default=None, metavar="DURATION", help="stop cleanly after this long (e.g. 3h50m, 90m or 3:50:00: "
+        "a little under a job's wall limit), saving what a resume needs, and exit with status 75; SIGUSR1 does the same "
+        "(Slurm: --signal=B:USR1@300). Re-run to resume")
+    add("--compile", action="store_true", help="train a torch.compile'd model (falls back to eager where compiling fails)")
+    add("--report", metavar="DIR", default=None, help="rebuild every figure, table and DIR/REPORT.md from the results "
+        "saved in DIR, without training (whatever runs are finished there)")
+    add("--out", default=None, help="output folder (default: runs/full with --full, runs/medium with --medium, runs/bench "
+        "for bench, else runs/scaled); re-running into the same folder resumes")
     return parser.parse_args(argv)
-
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -1513,26 +1465,25 @@ def main(argv=None) -> int:
     previous_handlers = {signum: signal.signal(signum, _stop) for signum in stop_signals}
     STOPPED_BY.clear()
     try:
-        physim._require(not os.path.exists(out) or os.path.isdir(out),
-                        f"--out {out} is a file, not a folder: name a folder for the results")
-        unused = {"run": [], "bench": ["--runs", "--seeds", "--compile", "--full", "--medium", "--report",
-                                       "--llc-shard", "--no-llc", "--time-limit"],
-                  "calibrate": ["--runs", "--seeds", "--compile", "--report", "--llc-shard", "--no-llc", "--time-limit"]
-                  }[args.command]
+        check(not os.path.exists(out) or os.path.isdir(out),
+              f"--out {out} is a file, not a folder: name a folder for the results")
+        unused = ["--runs", "--seeds", "--compile", "--full", "--medium", "--report", "--llc-shard", "--no-llc",
+                  "--time-limit"] if args.command != "run" else []
+        unused = [f for f in unused if args.command == "bench" or f not in ("--full", "--medium")]
         given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
-        physim._require(not given, f"{args.command} does not use {', '.join(given)}: drop it")
-        physim._require(not (args.report and args.llc_shard), "--report and --llc-shard do not go together: "
-                                                               "run the shards, then --report")
-        physim._require(not (args.full and args.medium), "--full and --medium do not go together: choose one")
-        physim._require(args.seeds is None or args.seeds >= 1, f"--seeds wants a number of runs >= 1, got {args.seeds}")
-        physim._require(args.seeds is None or not (args.report or args.llc_shard),
-                        "--seeds goes with a training call, not with --report or --llc-shard")
+        check(not given, f"{args.command} does not use {', '.join(given)}: drop it")
+        check(not (args.report and args.llc_shard),
+              "--report and --llc-shard do not go together: run the shards, then --report")
+        check(not (args.full and args.medium), "--full and --medium do not go together: choose one")
+        check(args.seeds is None or args.seeds >= 1, f"--seeds wants a number of runs >= 1, got {args.seeds}")
+        check(args.seeds is None or not (args.report or args.llc_shard),
+              "--seeds goes with a training call, not with --report or --llc-shard")
         if args.seeds is not None:
             preset = replace(preset, runs=args.seeds)
-        physim._require(not (args.no_llc and (args.report or args.llc_shard)),
-                        "--no-llc goes with a training call, not with --report or --llc-shard")
+        check(not (args.no_llc and (args.report or args.llc_shard)),
+              "--no-llc goes with a training call, not with --report or --llc-shard")
         if args.time_limit is not None:
-            physim._require(alarm is not None, "--time-limit needs SIGALRM, which this system lacks")
+            check(alarm is not None, "--time-limit needs SIGALRM, which this system lacks")
             signal.alarm(parse_duration(args.time_limit))
         device = resolve_device(args.device)
         t0 = time.time()
@@ -1544,7 +1495,7 @@ def main(argv=None) -> int:
         if args.command == "bench":
             print(markdown_table(bench(device, out)))
             projection = projected_time(SCALED, device, "scaled") + projected_time(FULL, device, "full")
-            physim._write_csv(os.path.join(out, "projection.csv"), projection)
+            write_csv(os.path.join(out, "projection.csv"), projection)
             print(f"Projected wall time on this {device} device (projection.csv):\n" + markdown_table(projection))
             return 0
         if args.command == "calibrate":
@@ -1555,18 +1506,16 @@ def main(argv=None) -> int:
                 shard, shards = (int(k) for k in args.llc_shard.split("/"))
             except ValueError:
                 raise ValueError(f"--llc-shard wants I/N such as 3/16, got {args.llc_shard!r}") from None
-            physim._require(1 <= shard <= shards, f"--llc-shard {args.llc_shard}: I must be 1 ... N")
-            physim._require(args.runs is None, "--llc-shard takes no --runs: a shard covers every trained run")
+            check(1 <= shard <= shards, f"--llc-shard {args.llc_shard}: I must be 1 ... N")
+            check(args.runs is None, "--llc-shard takes no --runs: a shard covers every trained run")
             done = llc_shard(preset, out, device, shard, shards)
             print(f"shard {shard}/{shards}: its {done} LLC estimates are in {out}; --report {out} reports "
                   "every run whose estimates are all there")
             return 0
-        runs = None
-        if args.runs is not None:
-            try:
-                runs = sorted({int(r) for r in args.runs.split(",")})
-            except ValueError:
-                raise ValueError(f"--runs wants comma-separated run numbers such as 0,3, got {args.runs!r}") from None
+        try:
+            runs = None if args.runs is None else sorted({int(r) for r in args.runs.split(",")})
+        except ValueError:
+            raise ValueError(f"--runs wants comma-separated run numbers such as 0,3, got {args.runs!r}") from None
         summary = reproduce(preset, out, device, runs, args.compile, llc=not args.no_llc)
         if summary is None:
             print(f"trained and rolled out in {time.time() - t0:.0f} s; the LLC stage: --llc-shard I/N calls "
@@ -1576,7 +1525,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        where = f" {e.where}" if isinstance(e, RunInterrupted) else ""
+        where = f" {e.where}" if isinstance(e, Interrupted) else ""
         by = STOPPED_BY.get("signal")
         if by is not None and by != signal.SIGTERM:
             what = f"--time-limit {args.time_limit}" if by == alarm else "SIGUSR1"
@@ -1594,7 +1543,6 @@ def main(argv=None) -> int:
           f"{summary['heads']} heads end with collision score >= {TRUE_HEAD}, {summary['heads_below_0.2']} "
           f"below 0.2; best head {summary['best_head']}. Results in {out}/")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
