@@ -946,6 +946,80 @@ def moved_particle_attention(model: physim.ParticleTransformer, state: torch.Ten
     states[:, particle, :2] = positions
     return model(states, return_attention=True)[1][:, :, :, particle]
 
+def animate_rollout(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset, path: str,
+                    every: int = 5, queries: int = 4) -> None:
+    """The collision head in motion (a GIF, Pillow writer): the ground truth and the model's own rollout of
+    preset.rollout_steps steps from one unseen state, side by side, with the attention of `queries` particles
+    (lines, width = attention weight) of the best head and of the quietest head drawn on the model's states;
+    every `every`-th step is a frame. Also writes its middle frame as a PNG beside it."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    sim, device = preset.sim, next(model.parameters()).device
+    truth = physim.simulate_states(sim, 1, seed=physim.HELDOUT_SEED + 1, device=device, n_steps=preset.rollout_steps)[0]
+    pred = physim.rollout(model, truth[:1], preset.rollout_steps)[0]                # (T+1, N, 4)
+    frames = list(range(0, preset.rollout_steps + 1, every))
+    flat, H = final_score.reshape(-1), final_score.shape[1]
+    heads = [divmod(int(flat.argmax()), H), divmod(int(np.abs(flat).argmin()), H)]
+    with torch.no_grad():
+        attn = torch.cat([model(pred[frames[i:i + 64]], return_attention=True)[1] for i in range(0, len(frames), 64)], 1)
+    N = sim.n_particles
+    who = np.linspace(0, N - 1, queries).round().astype(int)                          # the query particles
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.6))
+    titles = ["ground truth", f"model, head {heads[0][0]}-{heads[0][1]} (score {final_score[heads[0]]:.2f})",
+              f"model, head {heads[1][0]}-{heads[1][1]} (score {final_score[heads[1]]:.2f})"]
+    discs, lines = [], []
+    for ax, title in zip(axes, titles):
+        ax.set(xlim=(0, sim.box_width), ylim=(0, sim.box_height), aspect="equal", xticks=[], yticks=[])
+        ax.set_title(title, fontsize=8)
+        colours = ["tab:green" if i in who and ax is not axes[0] else "0.6" for i in range(N)]
+        discs.append(matplotlib.collections.EllipseCollection(sim.diameter, sim.diameter, 0, units="xy", offsets=np.zeros((N, 2)),
+                                                              offset_transform=ax.transData, facecolors=colours, edgecolors="0.3", linewidths=0.3))
+        ax.add_collection(discs[-1])
+        lines.append(ax.add_collection(matplotlib.collections.LineCollection([], colors="tab:red")))
+
+    def draw(k):
+        t = frames[k]
+        for panel, states in enumerate((truth, pred, pred)):
+            discs[panel].set_offsets(states[t, :, :2].cpu().numpy())
+        p = pred[t, :, :2].cpu().numpy()
+        for panel, (l, h) in zip((1, 2), heads):
+            a = attn[l, k, h, who, :N].cpu().numpy()                                  # (queries, N)
+            q, j = np.nonzero(a > 0.02)
+            lines[panel].set_segments(np.stack([p[who[q]], p[j]], 1))
+            lines[panel].set_linewidths(4 * a[q, j])
+        fig.suptitle(f"step {t} of a {preset.rollout_steps}-step rollout: red lines, the attention of the green particles",
+                     fontsize=8)
+        return discs + lines
+    fig.tight_layout()
+    draw(len(frames) // 2)
+    fig.savefig(path.removesuffix(".gif") + ".png", dpi=90)
+    FuncAnimation(fig, draw, frames=len(frames), blit=False).save(path, writer=PillowWriter(fps=25), dpi=60)
+    plt.close(fig)
+
+
+def plot_fig1(h: dict, m: Metrics, llc_rows: list[dict], path: str) -> None:
+    """Fig. 1 at a glance for one head: its collision score, |c(t)| with the regimes found, and its LLC,
+    against the training step on shared log axes."""
+    fig, axes = plt.subplots(3, 1, figsize=(6.5, 7), sharex=True)
+    t = m.steps > 0
+    axes[0].semilogx(m.steps[t], m.score[t, h["layer"], h["head"]], color="k")
+    axes[0].set(ylabel="collision score", ylim=(0, 1), title=f"run {h['run']}, head {h['layer']}-{h['head']} ({h['class']})")
+    axes[1].loglog(h["t"], h["c"], color="tab:blue")
+    band(axes[1], h["t"], h["c"], h["c_se"], "tab:blue")
+    for p in h["pieces"]:
+        x = np.geomspace(p.start, p.end, 20)
+        axes[1].loglog(x, np.exp(p.log_constant) * x ** p.exponent, color="tab:red" if p.is_power_law else "0.5",
+                       ls="-" if p.is_power_law else ":", label=f"t^{p.exponent:+.2f}" if p.is_power_law else None)
+    axes[1].set_ylabel("|c(t)|")
+    if any(p.is_power_law for p in h["pieces"]):
+        axes[1].legend(fontsize=7)
+    mine = [r for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])]
+    if mine:
+        axes[2].errorbar([r["step"] for r in mine], [float(r["llc"]) for r in mine], [float(r["llc_stderr"]) for r in mine],
+                         color="tab:green", marker="o", ms=4)
+    axes[2].set(ylabel="LLC", xlabel="training step t", xscale="log")
+    save_figure(fig, path)
+
+
 def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
                          trajectory: torch.Tensor, fig_dir: str, run: int) -> None:
     """Figs. 13-15: the attention of one particle moved to 12 places (6 touching, 6 free) in three kinds of head."""
@@ -1037,6 +1111,7 @@ def write_report(out: str, device: str) -> dict:
         plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
         plot_score_histogram([m], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"), f"run {run}")
         plot_moving_particle(model, m.score[-1], preset, trajectory, fig_dir, run)
+        animate_rollout(model, m.score[-1], preset, os.path.join(fig_dir, f"rollout_run{run}.gif"))
     write_csv(os.path.join(out, "final_heads.csv"), final_rows)
     plot_score_histogram(list(metrics.values()), preset.train, os.path.join(fig_dir, "collision_scores.png"),
                          f"{len(runs)} run(s)")
@@ -1055,6 +1130,8 @@ def write_report(out: str, device: str) -> dict:
               ["run", "layer", "head", "class"] + [f.name for f in fields(physim.Regime) if f.name not in dropped])
     for run in runs:
         plot_power_laws([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"power_laws_run{run}.png"))
+        best = max((h for h in heads if h["run"] == run), key=lambda h: h["score"])
+        plot_fig1(best, metrics[run], llc_rows, os.path.join(fig_dir, f"fig1_run{run}_head{best['layer']}-{best['head']}.png"))
     plot_exponents(table5, os.path.join(fig_dir, "exponents.png"))
     sims = {r: read_json(os.path.join(run_dir(out, r), "simulator.json")) for r in runs}
     claims = check_claims(heads, llc_rows, sims, runs)
@@ -1126,6 +1203,11 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         f"Results in `{out}`, runs {runs} of {preset.runs}; written {time.strftime('%Y-%m-%d %H:%M')} by `python "
         f"reproduce.py --report {out}` (also the last step of every run). Every number below is measured on these "
         "runs; the paper's numbers stand beside them where the paper gives any.\n",
+        "The collision head in motion: the ground truth, and the model's own rollout with the attention of the best "
+        "head and of a quiet head (the GIF; its middle frame below).\n",
+        "".join(f"[![rollout](figures/rollout_run{r}.png)](figures/rollout_run{r}.gif)\n" for r in runs),
+        "Fig. 1 at a glance (the best head): collision score, |c(t)| with its regimes, and the LLC.\n",
+        images("fig1_run"),
         "## Configuration\n",
         "Settings that differ from the paper's (Tables 1-4; everything else is the paper's):\n",
         markdown_table(config_rows),

@@ -1837,7 +1837,12 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
                  "figures/collision_scores_run1.png"):
         assert os.path.exists(os.path.join(out, name)), name
     assert any(n.startswith("moving_particle_run1") for n in os.listdir(os.path.join(out, "figures")))
+    assert any(n.startswith("fig1_run1_head") for n in os.listdir(os.path.join(out, "figures")))
+    from PIL import Image                                                 # the rollout GIF: a frame every 5 steps
+    with Image.open(os.path.join(out, "figures", "rollout_run1.gif")) as gif:
+        assert gif.format == "GIF" and gif.n_frames == len(range(0, preset.rollout_steps + 1, 5))
     report = open(os.path.join(out, "REPORT.md")).read()
+    assert "(figures/rollout_run0.gif)" in report and "(figures/rollout_run1.gif)" in report
     assert "## The paper's claims, checked" in report and "Table 5" in report
     assert len(read_csv(os.path.join(out, "regimes.csv"))) >= 2 * 2 * 2           # every head has pieces
     assert any(n.startswith("llc_traces_run0") for n in os.listdir(os.path.join(out, "figures")))
