@@ -21,6 +21,7 @@ reproduce.py:
  13. End to end on a tiny preset: resume, --report, damaged files, signals, kill -9, shards, --seeds.
  14. The analysis and each claim's verdict at its thresholds.
  15. bench and the projection.
+ 16. docs/tour.md: every snippet runs and prints what the page shows.
 
 Physics tests run in float64 (fixture `float64`); everything uses tiny configs.
 """
@@ -2448,3 +2449,24 @@ def test_bench_writes_its_ratios_and_the_projection(tmp_path, monkeypatch, capsy
     projection = read_csv(tmp_path / "projection.csv")
     assert [r["preset"] for r in projection if r["stage"] == "total"] == ["scaled", "full"]
     assert "Projected wall time" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 16. docs/tour.md: every snippet of the tour runs and prints what the page shows
+# ----------------------------------------------------------------------------------------------------
+
+def _tour_snippets():
+    import re
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "tour.md")).read()
+    return re.findall(r"```python\n(.*?)```\s*```text\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("code, shown", _tour_snippets(), ids=[f"snippet {i + 1}" for i in range(len(_tour_snippets()))])
+def test_the_tour_snippet_prints_what_the_page_shows(code, shown):
+    # Proves docs/tour.md cannot go stale: each block, in a fresh namespace, prints exactly its text block.
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<docs/tour.md>", "exec"), {"__name__": "__tour__"})
+    assert out.getvalue().strip() == shown.strip()
