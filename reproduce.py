@@ -7,12 +7,9 @@
     python reproduce.py --full --llc-shard 3/16 --time-limit 3h50m   # a job's share of the LLC stage
     python reproduce.py --report DIR    # rebuild every figure and table and DIR/REPORT.md, no training
     python reproduce.py bench           # batched paths vs plain baselines; projected hours here
-    python reproduce.py --out DIR --device auto|cpu|cuda [--compile]
 
-Everything goes under one output folder (default runs/scaled, runs/medium or runs/full): per run its latest
-checkpoint, half-precision weights where the LLC reads them, metrics.csv, losses.csv, simulator.json and the LLC
-estimates; figures/, final_heads.csv, regimes.csv, table5.csv, claims.json, timings.json, summary.json, REPORT.md.
-Re-running the same command after an interruption resumes (from the latest checkpoint or the saved LLC chains).
+Everything goes under one output folder (default runs/scaled, runs/medium or runs/full; README: "What a run
+writes"). Re-running the same command after an interruption resumes (from the latest checkpoint or saved chains).
 """
 
 from __future__ import annotations
@@ -41,9 +38,7 @@ def check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
 
-# ----------------------------------------------------------------------------------------------------
-# Presets: the paper's scale (--full), the medium run and the default scaled-down run
-# ----------------------------------------------------------------------------------------------------
+# --- Presets: the paper's scale (--full), the medium run and the default scaled-down run ------------------------------
 
 # The paper's Table 5 (D.1): run, block, head, exponent of |c| ~ t, its 95% half-width, log A, R², start, end step
 PAPER_TABLE5 = """
@@ -116,9 +111,7 @@ MEDIUM = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io
                 llc=LLCConfig(step_size=1.6e-2, batch_size=8, steps=100, burn_in=60, chains=4),
                 runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=12, llc_heads=8, llc_loss="mean")
 
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: the files of a results folder (written via a temporary name; a damaged one read back: one error)
-# ----------------------------------------------------------------------------------------------------
+# --- Plumbing: the files of a results folder (written via a temporary name; a damaged one read back: one error) -------
 
 @contextlib.contextmanager
 def reading(path: str):
@@ -266,9 +259,7 @@ def finished_runs(out: str, preset: Preset) -> list[int]:
     return [r for r in range(preset.runs) if all(os.path.exists(os.path.join(run_dir(out, r), name))
                                                  for name in ("simulator.json", "llc.csv"))]
 
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: progress, interruptions and time limits
-# ----------------------------------------------------------------------------------------------------
+# --- Plumbing: progress, interruptions and time limits ----------------------------------------------------------------
 
 def fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -357,9 +348,7 @@ def resolve_device(name: str) -> str:
         raise ValueError("--device cuda was asked for, but this torch build sees no CUDA device")
     return name
 
-# ----------------------------------------------------------------------------------------------------
-# The run's stages: training, the rollout, the LLC
-# ----------------------------------------------------------------------------------------------------
+# --- The run's stages: training, the rollout, the LLC -----------------------------------------------------------------
 
 class _StopAt(Exception):          # stop_at reached
     pass
@@ -645,9 +634,7 @@ def calibrate(out: str, device: str) -> physim.Calibration:
     calibration_figure(rows, cal, preset.llc.step_size, os.path.join(out, "figures", "calibration.png"))
     return cal
 
-# ----------------------------------------------------------------------------------------------------
-# The analysis: power laws, head classes and the paper's claims (§3, Appendix D.1)
-# ----------------------------------------------------------------------------------------------------
+# --- The analysis: power laws, head classes and the paper's claims (§3, Appendix D.1) ---------------------------------
 
 def power_law_analysis(metrics: dict, out: str) -> list[dict]:
     """Every head's class, pieces of log|c| vs log t (from 1% of training) and end-of-development verdict; regimes.csv."""
@@ -727,9 +714,7 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
           + " (stable at <= 1.1: a damped system only loses energy)", "stable in all 5 runs")
     return claims
 
-# ----------------------------------------------------------------------------------------------------
-# Figures (the paper's Figs. 1-7 and 13-15 from a results folder)
-# ----------------------------------------------------------------------------------------------------
+# --- Figures (the paper's Figs. 1-7 and 13-15 from a results folder) --------------------------------------------------
 
 def save_figure(fig, path: str, dpi: int = 120, **layout) -> None:
     fig.tight_layout(**layout)
@@ -948,61 +933,52 @@ def moved_particle_attention(model: physim.ParticleTransformer, state: torch.Ten
 
 def animate_rollout(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset, path: str,
                     every: int = 5, queries: int = 4) -> None:
-    """The collision head in motion (a GIF, Pillow writer): the ground truth and the model's own rollout of
-    preset.rollout_steps steps from one unseen state, side by side, with the attention of `queries` particles
-    (lines, width = attention weight) of the best head and of the quietest head drawn on the model's states;
-    every `every`-th step is a frame. Also writes its middle frame as a PNG beside it."""
+    """The collision head in motion (a GIF, and its middle frame as a PNG): the truth and the model's own rollout
+    from an unseen state, with the attention of `queries` particles (line width = weight) in the best head and in
+    the quietest head drawn on the model's states, a frame every `every` steps."""
     from matplotlib.animation import FuncAnimation, PillowWriter
-    sim, device = preset.sim, next(model.parameters()).device
-    truth = physim.simulate_states(sim, 1, seed=physim.HELDOUT_SEED + 1, device=device, n_steps=preset.rollout_steps)[0]
-    pred = physim.rollout(model, truth[:1], preset.rollout_steps)[0]                # (T+1, N, 4)
-    frames = list(range(0, preset.rollout_steps + 1, every))
+    sim, T, N = preset.sim, preset.rollout_steps, preset.sim.n_particles
+    truth = physim.simulate_states(sim, 1, physim.HELDOUT_SEED + 1, next(model.parameters()).device, T)[0]  # (T+1, N, 4)
+    pred, frames = physim.rollout(model, truth[:1], T)[0], list(range(0, T + 1, every))
     flat, H = final_score.reshape(-1), final_score.shape[1]
     heads = [divmod(int(flat.argmax()), H), divmod(int(np.abs(flat).argmin()), H)]
-    with torch.no_grad():
+    with torch.no_grad():                                                          # (L, F, H, N, N+1)
         attn = torch.cat([model(pred[frames[i:i + 64]], return_attention=True)[1] for i in range(0, len(frames), 64)], 1)
-    N = sim.n_particles
-    who = np.linspace(0, N - 1, queries).round().astype(int)                          # the query particles
+    who = np.linspace(0, N - 1, queries).round().astype(int)                       # the query particles
     fig, axes = plt.subplots(1, 3, figsize=(12, 2.6))
-    titles = ["ground truth", f"model, head {heads[0][0]}-{heads[0][1]} (score {final_score[heads[0]]:.2f})",
-              f"model, head {heads[1][0]}-{heads[1][1]} (score {final_score[heads[1]]:.2f})"]
     discs, lines = [], []
-    for ax, title in zip(axes, titles):
+    for k, ax in enumerate(axes):
         ax.set(xlim=(0, sim.box_width), ylim=(0, sim.box_height), aspect="equal", xticks=[], yticks=[])
-        ax.set_title(title, fontsize=8)
-        colours = ["tab:green" if i in who and ax is not axes[0] else "0.6" for i in range(N)]
-        discs.append(matplotlib.collections.EllipseCollection(sim.diameter, sim.diameter, 0, units="xy", offsets=np.zeros((N, 2)),
-                                                              offset_transform=ax.transData, facecolors=colours, edgecolors="0.3", linewidths=0.3))
-        ax.add_collection(discs[-1])
+        ax.set_title("ground truth" if k == 0 else "model, head {}-{} (score {:.2f})".format(
+            *heads[k - 1], final_score[heads[k - 1]]), fontsize=8)
+        colours = ["tab:green" if i in who and k else "0.6" for i in range(N)]
+        discs.append(ax.add_collection(matplotlib.collections.EllipseCollection(
+            sim.diameter, sim.diameter, 0, units="xy", offsets=np.zeros((N, 2)), offset_transform=ax.transData,
+            facecolors=colours, edgecolors="0.3", linewidths=0.3)))
         lines.append(ax.add_collection(matplotlib.collections.LineCollection([], colors="tab:red")))
 
-    def draw(k):
-        t = frames[k]
-        for panel, states in enumerate((truth, pred, pred)):
-            discs[panel].set_offsets(states[t, :, :2].cpu().numpy())
-        p = pred[t, :, :2].cpu().numpy()
-        for panel, (l, h) in zip((1, 2), heads):
-            a = attn[l, k, h, who, :N].cpu().numpy()                                  # (queries, N)
+    def draw(f):
+        for disc, states in zip(discs, (truth, pred, pred)):
+            disc.set_offsets(states[frames[f], :, :2].cpu().numpy())
+        p = pred[frames[f], :, :2].cpu().numpy()
+        for line, (l, h) in zip(lines[1:], heads):
+            a = attn[l, f, h, who, :N].cpu().numpy()                               # (queries, N)
             q, j = np.nonzero(a > 0.02)
-            lines[panel].set_segments(np.stack([p[who[q]], p[j]], 1))
-            lines[panel].set_linewidths(4 * a[q, j])
-        fig.suptitle(f"step {t} of a {preset.rollout_steps}-step rollout: red lines, the attention of the green particles",
-                     fontsize=8)
-        return discs + lines
+            line.set_segments(np.stack([p[who[q]], p[j]], 1))
+            line.set_linewidths(4 * a[q, j])
+        fig.suptitle(f"step {frames[f]} of a {T}-step rollout: red lines, the attention of the green particles", fontsize=8)
     fig.tight_layout()
     draw(len(frames) // 2)
     fig.savefig(path.removesuffix(".gif") + ".png", dpi=90)
-    FuncAnimation(fig, draw, frames=len(frames), blit=False).save(path, writer=PillowWriter(fps=25), dpi=60)
+    FuncAnimation(fig, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=25), dpi=60)
     plt.close(fig)
 
-
 def plot_fig1(h: dict, m: Metrics, llc_rows: list[dict], path: str) -> None:
-    """Fig. 1 at a glance for one head: its collision score, |c(t)| with the regimes found, and its LLC,
-    against the training step on shared log axes."""
+    """Fig. 1 at a glance for one head: collision score, |c(t)| with its regimes, and LLC on shared log axes."""
     fig, axes = plt.subplots(3, 1, figsize=(6.5, 7), sharex=True)
-    t = m.steps > 0
-    axes[0].semilogx(m.steps[t], m.score[t, h["layer"], h["head"]], color="k")
-    axes[0].set(ylabel="collision score", ylim=(0, 1), title=f"run {h['run']}, head {h['layer']}-{h['head']} ({h['class']})")
+    t, lh = m.steps > 0, (h["layer"], h["head"])
+    axes[0].semilogx(m.steps[t], m.score[t, lh[0], lh[1]], color="k")
+    axes[0].set(ylabel="collision score", ylim=(0, 1), title=f"run {h['run']}, head {lh[0]}-{lh[1]} ({h['class']})")
     axes[1].loglog(h["t"], h["c"], color="tab:blue")
     band(axes[1], h["t"], h["c"], h["c_se"], "tab:blue")
     for p in h["pieces"]:
@@ -1012,13 +988,11 @@ def plot_fig1(h: dict, m: Metrics, llc_rows: list[dict], path: str) -> None:
     axes[1].set_ylabel("|c(t)|")
     if any(p.is_power_law for p in h["pieces"]):
         axes[1].legend(fontsize=7)
-    mine = [r for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])]
-    if mine:
-        axes[2].errorbar([r["step"] for r in mine], [float(r["llc"]) for r in mine], [float(r["llc_stderr"]) for r in mine],
-                         color="tab:green", marker="o", ms=4)
+    mine = [r for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], *lh)]
+    axes[2].errorbar([r["step"] for r in mine], [float(r["llc"]) for r in mine], [float(r["llc_stderr"]) for r in mine],
+                     color="tab:green", marker="o", ms=4)
     axes[2].set(ylabel="LLC", xlabel="training step t", xscale="log")
     save_figure(fig, path)
-
 
 def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
                          trajectory: torch.Tensor, fig_dir: str, run: int) -> None:
@@ -1085,9 +1059,7 @@ def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: fl
                  fontsize=8)
     save_figure(fig, path, dpi=110)
 
-# ----------------------------------------------------------------------------------------------------
-# The report: tables and REPORT.md
-# ----------------------------------------------------------------------------------------------------
+# --- The report: tables and REPORT.md ---------------------------------------------------------------------------------
 
 def write_report(out: str, device: str) -> dict:
     """Every figure and table from the saved results in `out` (no training), then REPORT.md."""
@@ -1269,9 +1241,7 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
     ]
     write_text(os.path.join(out, "REPORT.md"), "\n".join(lines))
 
-# ----------------------------------------------------------------------------------------------------
-# Benchmarks (python reproduce.py bench)
-# ----------------------------------------------------------------------------------------------------
+# --- Benchmarks (python reproduce.py bench) ---------------------------------------------------------------------------
 
 def timed(fn, device: str) -> float:
     """Wall time of one call of fn, the work it queues on a CUDA device included."""
@@ -1374,7 +1344,7 @@ def bench(device: str, out: str) -> list[dict]:
     for m, steps in ((8, 40), (256, 8)):
         chains_row(f"SGLD on one head, 8 chains, m={m}", model, physim.dataset_batches(x, y, m), head,
                    LLCConfig(batch_size=m, steps=steps, burn_in=steps // 2, chains=8))
-    # The peer comparison of issue 13: a 2-16-16-1 tanh MLP regression, 8 chains at m = 64 on one thread.
+    # A 2-16-16-1 tanh MLP regression, 8 chains at m = 64 on one thread (the size peer libraries benchmark).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1497,9 +1467,7 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
                   "unit seconds": "", "units": "", "seconds": round(total, 1), "hours": round(total / 3600, 2)})
     return table
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# --- Command line -----------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Reproduce 'Emergence of Computational Structure in a Neural Network "
