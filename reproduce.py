@@ -123,7 +123,7 @@ def reading(path: str):
                          "it and re-run") from None
 
 def _write(path: str, write) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"          # one name per process: array tasks may write one file at once
     write(tmp)
     os.replace(tmp, path)
 
@@ -596,12 +596,14 @@ def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) ->
     pairs = [(r, step) for r in trained for step in llc_steps(read_metrics(run_dir(out, r)).steps, preset.llc_checkpoints)]
     mine = pairs[shard - 1::shards]
     for r in sorted({r for r, _ in mine}):
-        run_llc(preset, run_dir(out, r), device, label=f"shard {shard}/{shards}, run {r}",
-                steps=[step for q, step in mine if q == r])
+        try:
+            run_llc(preset, run_dir(out, r), device, label=f"shard {shard}/{shards}, run {r}",
+                    steps=[step for q, step in mine if q == r])
+        except KeyboardInterrupt:                                  # say where, as the training calls do
+            raise Interrupted(f"in the LLC stage of run {r}") from None
     return len(mine)
 
-CALIBRATION_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)   # calibrate probes ε = the preset's ε times these ...
-CALIBRATION_MAX_STEPS = 1000                       # ... with chains of at most this many steps (short chains)
+CALIBRATION_FACTORS, CALIBRATION_MAX_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0), 1000   # ε = the preset's ε x these; chain length cap
 
 def calibrate(out: str, device: str) -> physim.Calibration:
     """`reproduce.py calibrate`: physim.calibrate_llc (B.2.1) on the first trained run: calibration.csv/.json/.png."""
@@ -1275,8 +1277,7 @@ class MHABaseline(torch.nn.Module):
         self_mask = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
         return self.mha(x, x, x, attn_mask=self_mask, need_weights=need_weights, average_attn_weights=False)
 
-TINY_MLP_STEPS = 2000           # bench's tiny-MLP SGLD row: chain length (1000 burn-in + 1000 draws)
-SPLIT_HEAD_STEPS = 4            # bench's per-head row on the paper's model: chain length (all 4 averaged)
+TINY_MLP_STEPS, SPLIT_HEAD_STEPS = 2000, 4   # bench's SGLD chain lengths: tiny MLP (half burn-in), per-head row
 
 def bench(device: str, out: str) -> list[dict]:
     """Each batched, fused or compiled path against a plain baseline, both timed now: out/bench.csv's rows."""
