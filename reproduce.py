@@ -445,8 +445,8 @@ def estimate_llc_resumable(model, criterion, data, subsets, cfg: LLCConfig, stat
 
     def save():
         s = last["state"]
-        save_torch(state_path, {"identity": identity, "step": s["step"], "delta": s["delta"], **{
-            k: s[k][:, :s["step"]].clone() for k in ("traces", "w0_traces")}})
+        save_torch(state_path, {"identity": identity, "step": s["step"], "delta": s["delta"], "previous": s["previous"],
+                                **{k: s[k][:, :s["step"]].clone() for k in ("traces", "w0_traces", "acceptance")}})
         saved_at[0] = time.monotonic()
 
     def on_step(s):
