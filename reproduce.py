@@ -510,12 +510,15 @@ def llc_steps(steps, n: int) -> list[int]:
     return sorted({min(positive, key=lambda s: abs(math.log(s / t))) for t in targets})
 
 def llc_heads(final_score: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """Up to n true collision heads (best first; else the best head) and the head whose final score is nearest 0."""
+    """Up to n true collision heads (best first; else the best head), then the best partial head and the head whose
+    final score is nearest 0 (the controls), each once."""
     flat, H = final_score.reshape(-1), final_score.shape[1]
     order = np.argsort(-flat)
     chosen = [divmod(int(i), H) for i in order if flat[i] >= TRUE_HEAD][:n] or [divmod(int(order[0]), H)]
-    quiet = divmod(int(np.abs(flat).argmin()), H)
-    return chosen + [quiet] if quiet not in chosen else chosen
+    partial = [divmod(int(i), H) for i in order if physim.PARTIAL_HEAD_SCORE <= flat[i] < TRUE_HEAD][:1]
+    for head in partial + [divmod(int(np.abs(flat).argmin()), H)]:
+        chosen += [head] if head not in chosen else []
+    return chosen
 
 def paired_trace(r: physim.LLCResult, thin: int) -> torch.Tensor:
     """L(w0) + L_m(w_t) − L_m(w0) per chain, averaged over windows of `thin` steps: (C, T // thin)."""
@@ -570,23 +573,31 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int]
         thin = max(1, preset.llc.steps // 500)
         record = {"step": step, "seconds": round(time.time() - t0, 2), "trace_thinning": thin, "heads": [
             {"layer": l, "head": h, "llc": r.llc, "llc_stderr": r.llc_stderr, "chain_llc": r.chain_llc,
-             "init_loss": r.init_loss, "health": physim.llc_health(r), "trace": paired_trace(r, thin).tolist()}
+             "init_loss": r.init_loss, "health": physim.llc_health(r), "convergence": physim.convergence(r),
+             "trace": paired_trace(r, thin).tolist()}
             for (l, h), r in zip(heads, results)]}
         write_json(path, record, indent=None)
         for state in glob.glob(glob.escape(path.removesuffix(".json")) + ".heads_*.pt*"):   # and any .tmp
             os.remove(state)
     if all(os.path.exists(llc_path(rdir, step)) for step in chosen):
-        collect_llc(rdir, chosen)
+        collect_llc(rdir, chosen, preset)
 
-def collect_llc(rdir: str, chosen: list[int]) -> None:
-    """rdir/llc.csv from the JSON of every LLC checkpoint: one row per (checkpoint, head)."""
+CONVERGENCE = ("rhat", "ess", "drift_z", "acceptance")     # physim.convergence's numbers in llc.csv
+
+def collect_llc(rdir: str, chosen: list[int], preset: Preset) -> None:
+    """rdir/llc.csv from the JSON of every LLC checkpoint: one row per (checkpoint, head); nbeta_sum: the nβ of the
+    estimates in the sum convention (B.1's ℓ), where the mean over a state's 4N outputs divides it by 4N."""
+    nbeta_sum = preset.llc.nbeta / (4 * preset.sim.n_particles if preset.llc_loss == "mean" else 1)
     rows = []
     for step in chosen:
         with reading(path := llc_path(rdir, step)):
             for r in read_json(path)["heads"]:
+                v = r["convergence"]
                 rows.append({"step": step, **{k: r[k] for k in ("layer", "head", "llc", "llc_stderr")},
+                             "nbeta_sum": nbeta_sum, "equilibrated": v["verdict"] == "equilibrated",
+                             **{k: round(v[k], 4) for k in CONVERGENCE},
                              "healthy_chains": r["health"].count("healthy"), "chains": len(r["health"]),
-                             "unhealthy": "; ".join(f"chain {c}: {h}" for c, h in enumerate(r["health"]) if h != "healthy")})
+                             "verdict": v["verdict"], "unhealthy": "; ".join(f"chain {c}: {h}" for c, h in enumerate(r["health"]) if h != "healthy")})
     write_csv(os.path.join(rdir, "llc.csv"), rows)
 
 def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) -> int:
@@ -698,7 +709,7 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
     checked, flat = [], []
     for h in collision:
         estimates = [r for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])
-                     and math.isfinite(float(r["llc"]))]
+                     and r["equilibrated"]]                        # an unequilibrated estimate is not evidence
         for p in h["pieces"]:
             inside = [float(r["llc"]) for r in estimates if p.start <= r["step"] <= p.end]
             if p.is_power_law and len(inside) >= 2:
@@ -706,9 +717,10 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
                                f"LLC {', '.join(f'{v:.2f}' for v in inside)}")
                 flat.append(max(inside) - min(inside) <= PLATEAU * abs(np.mean(inside)))
     claim("The LLC plateaus while c(t) is in a power-law regime (§3.2, Fig. 1)", checked, all(flat), any(flat),
-          (f"{sum(flat)} of {len(checked)} regimes with >= 2 LLC estimates inside stay within {PLATEAU:.0%} of "
-           f"their mean: " + "; ".join(checked)) if checked else
-          "no power-law regime of a collision head holds 2 or more LLC estimates", "plateaus in the heads of Figs. 1 and 16-19")
+          (f"{sum(flat)} of {len(checked)} regimes with >= 2 equilibrated LLC estimates inside stay within {PLATEAU:.0%} "
+           f"of their mean: " + "; ".join(checked)) if checked else
+          "no power-law regime of a collision head holds 2 or more equilibrated LLC estimates",
+          "plateaus in the heads of Figs. 1 and 16-19")
     gains = {r: max(s["energy_model"]) / s["energy_true"][0] for r, s in sims.items()}
     claim("The trained model is a stable simulator: no unrealistic energy gain over 1000 steps (Appendix D.2, Fig. 7)",
           True, all(g <= 1.1 for g in gains.values()), any(g <= 1.1 for g in gains.values()),
@@ -796,7 +808,8 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
     rows = read_csv_rows(os.path.join(rdir, "llc.csv"))
     with reading(os.path.join(rdir, "llc.csv")):
         for r in rows:
-            r.update({key: int(r[key]) for key in ("step", "layer", "head", "healthy_chains", "chains")})
+            r.update({key: int(r[key]) for key in ("step", "layer", "head", "healthy_chains", "chains")},
+                     equilibrated=r["equilibrated"] == "True")
     records = {}
     for step in sorted({r["step"] for r in rows}):
         with reading(path := llc_path(rdir, step)):
@@ -811,8 +824,8 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
                title=f"run {run}, head {l}-{h} (final collision score {m.score[-1, l, h]:.2f})")
         ax2 = ax.twinx()
         steps, llc = np.array([r["step"] for r in mine]), np.array([float(r["llc"]) for r in mine])
-        flagged = np.array([r["healthy_chains"] < r["chains"] for r in mine])
-        for hollow, name in ((False, "LLC, all chains healthy"), (True, "LLC, some chain unhealthy")):
+        flagged = np.array([not r["equilibrated"] for r in mine])
+        for hollow, name in ((False, "LLC, equilibrated"), (True, "LLC, not equilibrated (no claim uses it)")):
             pick = flagged == hollow
             if pick.any():
                 ax2.errorbar(steps[pick], llc[pick], [float(r["llc_stderr"]) for r, p in zip(mine, pick) if p], label=name,
@@ -831,8 +844,8 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
                 ax.plot(x, trace, lw=0.6, color="tab:red" if health != "healthy" else None)
             ax.axvline(preset.llc.burn_in, color="black", ls=":", lw=0.8)
             ax.axhline(np.mean(head["init_loss"]), color="black", ls="--", lw=0.8)
-            ax.set_title(f"step {r['step']}: LLC {float(r['llc']):.3g}, {r['healthy_chains']}/{r['chains']} healthy",
-                         fontsize=7)
+            ax.set_title(f"step {r['step']}: LLC {float(r['llc']):.3g}, " + ("equilibrated" if r["equilibrated"] else
+                         "not equilibrated"), fontsize=7)
             ax.tick_params(labelsize=6)
         for ax in list(axes.flat)[len(mine):]:
             ax.axis("off")
@@ -991,8 +1004,13 @@ def plot_fig1(h: dict, m: Metrics, llc_rows: list[dict], path: str) -> None:
     if any(p.is_power_law for p in h["pieces"]):
         axes[1].legend(fontsize=7)
     mine = [r for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], *lh)]
-    axes[2].errorbar([r["step"] for r in mine], [float(r["llc"]) for r in mine], [float(r["llc_stderr"]) for r in mine],
-                     color="tab:green", marker="o", ms=4)
+    for trusted in (True, False):
+        pick = [r for r in mine if r["equilibrated"] == trusted]
+        axes[2].errorbar([r["step"] for r in pick], [float(r["llc"]) for r in pick], [float(r["llc_stderr"]) for r in pick],
+                         color="tab:green", marker="o", ms=4, ls="none", mfc="tab:green" if trusted else "white",
+                         label="equilibrated" if trusted else "not equilibrated")
+    if mine:
+        axes[2].legend(fontsize=7)
     axes[2].set(ylabel="LLC", xlabel="training step t", xscale="log")
     save_figure(fig, path)
 
@@ -1039,25 +1057,27 @@ def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndar
         save_figure(fig, os.path.join(fig_dir, f"moving_particle_run{run}_head{l}-{h}.png"), dpi=100)
 
 def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: float, path: str) -> None:
-    """λ̂ ± se against ε, a panel per probed checkpoint, a line per head; the recommended ε dashed."""
+    """λ̂ ± se against ε at T (solid) and 2T (dotted), a panel per probed checkpoint, a line per head; hollow where a
+    test fails; the selected ε dashed."""
     steps = sorted({r["step"] for r in rows})
     fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.4), squeeze=False)
     for ax, step in zip(axes[0], steps):
         for i, head in enumerate(sorted({r["head"] for r in rows})):
             mine = sorted((r for r in rows if r["step"] == step and r["head"] == head), key=lambda r: r["step_size"])
             ax.plot([r["step_size"] for r in mine], [r["llc"] for r in mine], color=f"C{i}", lw=1, label=f"head {head}")
+            ax.plot([r["step_size"] for r in mine], [r["llc_2T"] for r in mine], color=f"C{i}", lw=1, ls=":")
             for r in mine:
                 ax.errorbar(r["step_size"], r["llc"], yerr=r["llc_stderr"], color=f"C{i}", marker="o", ms=5,
-                            mfc=f"C{i}" if r["healthy_chains"] == r["chains"] else "white")
+                            mfc=f"C{i}" if r["passes"] else "white")
         if cal.step_size is not None:
-            ax.axvline(cal.step_size, color="k", ls="--", lw=1, label="recommended ε")
+            ax.axvline(cal.step_size, color="k", ls="--", lw=1, label="selected ε")
         ax.axvline(preset_eps, color="grey", ls=":", lw=1, label="the preset's ε")
         ax.set(xscale="log", xlabel="SGLD step size ε", ylabel="λ̂ (mean of chains)", title=f"step {step}")
         grid = sorted({r["step_size"] for r in rows})
         ax.set_xticks(grid, [f"{e:g}" for e in grid], fontsize=7)
         ax.minorticks_off()
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(textwrap.fill("LLC calibration (hollow: some chain unhealthy). " + cal.statement, 40 * len(steps)),
+    fig.suptitle(textwrap.fill("LLC calibration (dotted: chains of 2T; hollow: a test fails). " + cal.statement, 40 * len(steps)),
                  fontsize=8)
     save_figure(fig, path, dpi=110)
 
@@ -1119,7 +1139,8 @@ def write_report(out: str, device: str) -> dict:
         "one_step_position_error": [s["one_step_position_error"] for s in sims.values()],
         "power_law_regimes_of_collision_heads": len(table5), "llc_estimates": len(llc_rows),
         "llc_unhealthy_chains": sum(r["chains"] - r["healthy_chains"] for r in llc_rows),
-        "llc_chains": sum(r["chains"] for r in llc_rows), "claims": {c["claim"]: c["verdict"] for c in claims}}
+        "llc_chains": sum(r["chains"] for r in llc_rows), "llc_equilibrated": sum(r["equilibrated"] for r in llc_rows),
+        "claims": {c["claim"]: c["verdict"] for c in claims}}
     add_time(out, "report", time.time() - t0, accumulate=False)
     write_markdown(out, preset, runs, final_rows, table5, heads, llc_rows, sims, claims, summary)
     return summary
@@ -1225,11 +1246,15 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         images("exponents", "power_laws"),
         "## Attention-distance correlation and the LLC (Fig. 1)\n",
         f"Each LLC is the mean over all {preset.llc.chains} chains ± its standard error, as the paper reports it, with "
-        f"L_m the {l_m}. The chains' health verdicts are diagnostics beside it: a flagged estimate keeps every chain. "
-        f"The figures draw every estimate and a {LLC_SMOOTHING}-point sliding mean (B.2's smoothing).\n",
+        f"L_m the {l_m} (README: the loss convention). **Can it be trusted?** Each estimate's convergence verdict "
+        f"(`physim.convergence`; README: the thresholds) says: {summary['llc_equilibrated']} of {len(llc_rows)} "
+        "estimates are equilibrated. The others are drawn hollow and no claim uses them; their value measures how far "
+        f"the chains got as much as the model. The figures draw every estimate and a {LLC_SMOOTHING}-point sliding "
+        "mean (B.2's smoothing).\n",
         markdown_table([{"run": r["run"], "step": r["step"], "head": f"{r['layer']}-{r['head']}",
                          "LLC": f"{float(r['llc']):.3g} ± {float(r['llc_stderr']):.2g}",
-                         "healthy chains": f"{r['healthy_chains']}/{r['chains']}", "flag": r["unhealthy"] or ""}
+                         "R̂": f"{float(r['rhat']):.3f}", "ESS": f"{float(r['ess']):.0f}", "drift (se)": f"{float(r['drift_z']):+.1f}",
+                         "MALA": f"{float(r['acceptance']):.2f}", "verdict": r["verdict"], "unhealthy chains": r["unhealthy"] or ""}
                         for r in llc_rows]),
         images("correlation_run", "llc_run", "llc_traces"),
         "## Attention patterns (Fig. 3, Figs. 13-15)\n",
