@@ -470,6 +470,8 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
     t0 = time.time()
     preset = check_config(preset, out, runs or [])           # with all of the folder's runs (--seeds)
     runs = list(range(preset.runs)) if runs is None else runs
+    if PROJECT_FIRST and not any(os.path.isdir(os.path.join(run_dir(out, r), "checkpoints")) for r in runs):
+        print(projection_line(preset, device, len(runs), llc), file=sys.stderr)   # a fresh start: what to expect
     for run in runs:
         rdir, train_cfg = run_dir(out, run), TrainConfig(**{**asdict(preset.train), "seed": run})
         # Disk: weights are kept (in half precision) only where the LLC reads them, and at the end.
@@ -502,6 +504,18 @@ def reproduce(preset: Preset, out: str, device: str, runs: list[int] | None = No
     summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
+
+PROJECT_FIRST = True   # a fresh start first times a few steps of each stage and prints the projected wall time
+
+def projection_line(preset: Preset, device: str, runs: int, llc: bool) -> str:
+    """One line: this call's wall time on this machine, projected from a few steps of each stage (projected_time)."""
+    t0, stages = time.time(), {}
+    for row in projected_time(preset, device, "", repeat=1)[:-1]:
+        if llc or row["stage"] != "LLC":
+            stages[row["stage"]] = stages.get(row["stage"], 0.0) + row["seconds"] * runs / preset.runs
+    return (f"projected on this {device}: {fmt_time(sum(stages.values()))} for {runs} run(s) ("
+            + ", ".join(f"{k} {fmt_time(v)}" for k, v in stages.items()) + f"; measured in {time.time() - t0:.0f} s, "
+            "from a few steps of each: `python reproduce.py bench` itemises it)")
 
 def llc_steps(steps, n: int) -> list[int]:
     """n checkpoint steps, even in log(step) from 1% of training (before, no minimum: LLC undefined) to its end."""
@@ -1409,8 +1423,9 @@ def bench(device: str, out: str) -> list[dict]:
     write_csv(os.path.join(out, "bench.csv"), rows)
     return rows
 
-def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
-    """`preset`'s wall time here: per stage, a unit's cost measured now times the units all runs make; and a total."""
+def projected_time(preset: Preset, device: str, label: str, repeat: int = 3) -> list[dict]:
+    """`preset`'s wall time here: per stage, a unit's cost measured now (best of `repeat`) times the units all runs
+    make; and a total."""
     sim, model_cfg, train_cfg, llc = preset.sim, preset.model, preset.train, preset.llc
 
     def simulation(trajectories: int, steps: int) -> float:
@@ -1437,14 +1452,14 @@ def projected_time(preset: Preset, device: str, label: str) -> list[dict]:
             save_torch(os.path.join(tmp, "w.pt"), {"model": {k: v.half() for k, v in model.state_dict().items()}})
     data_share = simulation(preset.data.chunk_trajectories, sim.n_steps) / stream.batches_per_chunk
     rows = [("training", f"training step, batch {train_cfg.batch_size}, with its data",
-             wall_time(lambda: [train_step() for _ in range(20)], device) / 20 + data_share, train_cfg.steps),
+             wall_time(lambda: [train_step() for _ in range(20)], device, repeat) / 20 + data_share, train_cfg.steps),
             ("training", f"held-out metrics on {preset.data.heldout_states} states and a checkpoint",
-             wall_time(checkpoint, device), len(physim.checkpoint_steps(train_cfg))),
+             wall_time(checkpoint, device, repeat), len(physim.checkpoint_steps(train_cfg))),
             ("training", f"simulating the held-out set ({preset.data.heldout_states} trajectories)",
              math.ceil(preset.data.heldout_states / 32) * simulation(min(32, preset.data.heldout_states), sim.n_steps), 1)]
     with torch.no_grad():
-        step_b = wall_time(lambda: model(pool_x[:preset.rollout_states]), device, 5)
-        step_256 = wall_time(lambda: model(pool_x), device)
+        step_b = wall_time(lambda: model(pool_x[:preset.rollout_states]), device, repeat + 2)
+        step_256 = wall_time(lambda: model(pool_x), device, repeat)
     rollout = (simulation(preset.rollout_states, preset.rollout_steps) + preset.rollout_steps * step_b
                + math.ceil(preset.rollout_states * preset.rollout_steps / 256) * step_256)
     rows.append(("rollout", f"{preset.rollout_states} states x {preset.rollout_steps} steps, and the truth", rollout, 1))

@@ -50,6 +50,14 @@ import physim as P
 import reproduce as R
 
 
+@pytest.fixture(autouse=True)
+def _no_projection(request, monkeypatch):
+    """Runs skip the projected-time line (it times real steps, and tests count and patch steps), except in the
+    end-to-end test, which checks it."""
+    if request.node.originalname != "test_reproduce_end_to_end_and_resume":
+        monkeypatch.setattr(R, "PROJECT_FIRST", False)
+
+
 # Every tensor here is tiny: one intra-op thread is fastest and avoids OpenMP threads spinning
 # against each other on a busy machine (which made the training tests ~25x slower on 2 cores).
 torch.set_num_threads(1)
@@ -1920,11 +1928,14 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     criteria, estimate = [], P.estimate_llc
     monkeypatch.setattr(P, "estimate_llc", lambda model, criterion, *a, **k: criteria.append(criterion) or
                         estimate(model, criterion, *a, **k))
+    capsys.readouterr()
     shard = R.reproduce(preset, out, "cpu", runs=[1])                    # one shard, as one Slurm task would
     assert criteria and set(criteria) == {R.LLC_LOSSES[preset.llc_loss]} == {P.squared_error}
     assert shard["runs"] == [1] and not os.path.exists(os.path.join(out, "run0"))
+    projected = capsys.readouterr().err.splitlines()[0]                 # a fresh start says what to expect first
+    assert projected.startswith("projected on this cpu: ") and "for 1 run(s) (training " in projected and "LLC " in projected
     first = R.reproduce(preset, out, "cpu")                              # the other shard; the report merges
-    assert first["runs"] == [0, 1]
+    assert first["runs"] == [0, 1] and "projected" not in capsys.readouterr().err      # run 1 had begun
     for name in ("config.json", "final_heads.csv", "summary.json", "figures/collision_scores.png",
                  "figures/energy.png", "figures/attention_run1.png", "figures/correlation_run0.png",
                  "run0/metrics.csv", "run0/losses.csv", "run0/simulator.json", "run1/llc.csv",
@@ -2107,6 +2118,7 @@ KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import physim as P, reproduce as R, test_physim as T
+R.PROJECT_FIRST = False
 R.SCALED = R.Preset(runs=1, llc_heads=1, **T.TINY_PRESET_ARGS)
 where, calls = os.environ.get("KILL_AT"), []
 
@@ -2161,6 +2173,7 @@ STOPPED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import physim as P, reproduce as R, test_physim as T
+R.PROJECT_FIRST = False
 R.SCALED = R.Preset(runs=1, llc_heads=1, **T.TINY_PRESET_ARGS)
 where, calls, step, batches = os.environ.get("STOP_AT"), [], P.training_step, P.simulator_batches
 
