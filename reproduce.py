@@ -685,6 +685,7 @@ def power_law_analysis(metrics: dict, out: str) -> list[dict]:
               + [f.name for f in fields(physim.Regime)] + ["end_of_development", "head_follows_power_law"])
     return heads
 
+ENERGY_TOLERANCE = 0.25  # free choice: D.2's "unrealistic" gain and "similar" evolution, as a share of the energy released
 PLATEAU = 0.25  # free choice: the LLC "plateaus" over a regime if its estimates there stay within 25% of their mean
 STRICT_R2 = 0.8  # free choice: the stricter diagnostic beside the power-law claim (most of Table 5's R² are >= 0.8)
 
@@ -735,11 +736,20 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
            f"of their mean: " + "; ".join(checked)) if checked else
           "no power-law regime of a collision head holds 2 or more equilibrated LLC estimates",
           "plateaus in the heads of Figs. 1 and 16-19")
-    gains = {r: max(s["energy_model"]) / s["energy_true"][0] for r, s in sims.items()}
-    claim("The trained model is a stable simulator: no unrealistic energy gain over 1000 steps (Appendix D.2, Fig. 7)",
-          True, all(g <= 1.1 for g in gains.values()), any(g <= 1.1 for g in gains.values()),
-          "largest energy along the rollout / initial true energy: " + ", ".join(f"run {r} {g:.3g}" for r, g in gains.items())
-          + " (stable at <= 1.1: a damped system only loses energy)", "stable in all 5 runs")
+    # D.2: "stable (accumulated errors do not cause the simulation to gain unrealistic amounts of energy) and ...
+    # on-average the energy evolves in a manner similar to the ground truth system". In energy differences, each
+    # over the energy the truth releases over the rollout (so where potential energy is zero cannot matter).
+    energy = {r: (np.array(s["energy_model"]), np.array(s["energy_true"])) for r, s in sims.items()}
+    scale = {r: t[0] - t.min() for r, (m, t) in energy.items()}
+    gain = {r: (m.max() - m[0]) / scale[r] for r, (m, t) in energy.items()}
+    gap = {r: np.abs(m - t).mean() / scale[r] for r, (m, t) in energy.items()}
+    both = [r for r in energy if gain[r] <= ENERGY_TOLERANCE and gap[r] <= ENERGY_TOLERANCE]
+    claim("The trained model is a stable simulator whose energy evolves as the truth's (Appendix D.2, Fig. 7)", True,
+          len(both) == len(energy), both,
+          "per run, the largest energy gain over the start, and the mean distance from the truth's mean energy curve, "
+          "each over the energy the truth releases: " + ", ".join(f"run {r} gain {gain[r]:.0%}, distance {gap[r]:.0%} "
+          f"(of {scale[r]:.4g})" for r in energy) + f"; both <= {ENERGY_TOLERANCE:.0%} in every run: supported; in some: partly",
+          "stable and similar to the truth in all 5 runs (Fig. 7)")
     return claims
 
 # --- Figures (the paper's Figs. 1-7 and 13-15 from a results folder) --------------------------------------------------
