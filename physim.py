@@ -541,7 +541,7 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     (inputs -> the model's inputs), run once per minibatch (FromBlock). compile_step: torch.compile the step.
     Each step also gives the acceptance probability a Metropolis correction (MALA) would give it, a check
     that ε is small enough. state / on_step: continue from, and see after every step, {"step", "delta": w −
-    w₀, "traces", "w0_traces", "acceptance", "previous": the last step's (δ, ∇U, U)}.
+    w₀, "traces", "w0_traces", "acceptance", "previous": ‖∇U‖² at the last step}.
     """
     from torch.func import functional_call, grad_and_value, vmap
     single = isinstance(subsets, dict)
@@ -569,8 +569,8 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
             L0 = vmap(criterion)(model(*(z.flatten(0, 1) for z in x)).unflatten(0, (C, -1)), y)   # L_m(w₀), (C,)
         drift = {n: torch.where(masks[n], gamma * delta[n] + nbeta * grad[n], 0) for n in names}  # ∇U, U = nβ L_m + γ/2 ‖δ‖²
         dw = {n: -eps / 2 * drift[n] + math.sqrt(eps) * tile(xi[n]) for n in names}           # eq. (5), δ = w − w₀
-        U = nbeta * (L.detach() - tile(L0)) + gamma / 2 * sum(d.flatten(1).pow(2).sum(1) for d in delta.values())
-        return {n: torch.where(masks[n], delta[n] + dw[n], 0) for n in names}, L.detach(), L0, drift, U   # w_t+1 = w_t + Δw_t
+        G = sum(g.flatten(1).pow(2).sum(1) for g in drift.values())                          # ‖∇U(w_t)‖², (K·C,)
+        return {n: torch.where(masks[n], delta[n] + dw[n], 0) for n in names}, L.detach(), L0, G   # w_t+1 = w_t + Δw_t
     step = torch.compile(sgld_step) if compile_step else sgld_step
 
     # Chain c's noise for tensor n comes from a generator seeded by (seed + c, n), `block[n]` steps at a time.
@@ -580,7 +580,7 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
     start = 0 if state is None else state["step"]
     delta = {n: torch.zeros(K * C, *w0[n].shape, device=device, dtype=w0[n].dtype) if state is None else state["delta"][n].to(device) for n in names}
     traces, w0_traces, accept = (torch.full((k, T), math.nan, device=device, dtype=w0[names[0]].dtype) for k in (K * C, C, K * C))
-    previous = None if state is None else tuple(z.to(device) if torch.is_tensor(z) else {n: v.to(device) for n, v in z.items()} for z in state["previous"])
+    previous = None if state is None else state["previous"].to(device)
     if state is not None:
         for z, key in ((traces, "traces"), (w0_traces, "w0_traces"), (accept, "acceptance")):
             z[:, :start] = state[key][:, :start].to(device)
@@ -594,12 +594,13 @@ def estimate_llc(model: nn.Module, criterion, data, subsets, cfg: LLCConfig = LL
         with torch.no_grad():
             x = (x,) if prefix is None else tuple(z.unflatten(0, (C, -1)) for z in prefix(x.flatten(0, 1)))
         noise.update({n: draw(n) for n in names if t % block[n] == 0 and t > start})
-        new, traces[:, t], w0_traces[:, t], drift, U = step(delta, x, y, {n: noise[n][:, t % block[n]] for n in names})
-        if previous is not None:   # MALA's acceptance of the step w_t−1 -> w_t (devinterp's, on consecutive minibatches)
-            d, g, U0 = previous    # log α = U_t−1 − U_t + (‖w_t − w_t−1 + ε/2 ∇U_t−1‖² − ‖w_t−1 − w_t + ε/2 ∇U_t‖²) / 2ε
-            q = sum((delta[n] - d[n] + eps / 2 * g[n]).flatten(1).pow(2).sum(1) - (d[n] - delta[n] + eps / 2 * drift[n]).flatten(1).pow(2).sum(1) for n in names)
-            accept[:, t] = (U0 - U + q / (2 * eps)).clamp(max=0).exp()
-        previous, delta = (delta, drift, U), new
+        delta, traces[:, t], w0_traces[:, t], G = step(delta, x, y, {n: noise[n][:, t % block[n]] for n in names})
+        # MALA's acceptance of the step w_t−1 -> w_t: log α = U(w_t−1) − U(w_t) + log q(w_t−1 | w_t) − log q(w_t | w_t−1).
+        # With U(w_t) − U(w_t−1) by the trapezoid rule (exact for a quadratic U, and free of the minibatch noise in U
+        # itself) it is log α = ε/8 (‖∇U(w_t−1)‖² − ‖∇U(w_t)‖²).
+        if previous is not None:
+            accept[:, t] = (eps / 8 * (previous - G)).clamp(max=0).exp()
+        previous = G
         if on_step is not None:
             on_step({"step": t + 1, "delta": delta, "traces": traces, "w0_traces": w0_traces, "acceptance": accept, "previous": previous})
 

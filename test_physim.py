@@ -1161,8 +1161,9 @@ def test_mala_acceptance_is_the_metropolis_hastings_ratio_by_hand(float64):
     # Proves the acceptance estimate_llc reports for each step w_t−1 -> w_t is min(1, π(w_t) q(w_t−1 | w_t) /
     # π(w_t−1) q(w_t | w_t−1)) for the tempered posterior π ∝ exp(−nβ L − γ/2 ‖w − w₀‖²) and SGLD's Gaussian
     # proposal q(· | w) = N(w − ε/2 ∇U(w), ε I), recomputed here with scipy from the recorded chain, on
-    # L = Σ a_i w_i² plus a minibatch offset that L_m(w₀) pairs out (devinterp would see nβ x the offset's
-    # noise). Near-zero ε accepts almost every step; ε·P = 3.6 (stable, too hot) rejects many.
+    # L = Σ a_i w_i² plus a minibatch offset, constant in w: the estimator's trapezoid rule for U(w_t) − U(w_t−1)
+    # is exact for this quadratic and blind to the offset (devinterp's difference of minibatch losses would see
+    # nβ x the offset's noise). Near-zero ε accepts almost every step; ε·P = 3.6 (stable, too hot) rejects many.
     import scipy.stats
     a = torch.tensor([1.0, 0.5])
     offsets = P.dataset_batches(torch.zeros(64, 1), 10 * torch.randn(64, generator=torch.Generator().manual_seed(1)), 2)
@@ -1884,6 +1885,7 @@ def test_interrupted_llc_estimate_resumes_from_its_saved_state(monkeypatch, tmp_
         assert torch.equal(w.traces, r.traces) and torch.equal(w.w0_traces, r.w0_traces)
         assert w.llc == r.llc == a.llc and P.llc_health(w) == P.llc_health(r) == P.llc_health(a)
         assert torch.equal(a.traces, w.traces)
+        torch.testing.assert_close(r.acceptance, w.acceptance, rtol=0, atol=0, equal_nan=True)   # MALA's too
 
 
 def test_llc_heads_are_the_true_heads_then_a_partial_and_a_quiet_control():
