@@ -1214,8 +1214,9 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
     work = "; ".join(f"run {run}: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(w.items()))
                      + (f" (checkpoints: {w['checkpoint'] / (w.get('step', 0) + w.get('data chunk', 0)):.0%} of the "
                         "training work)" if w.get("step") else "") for run, w in summary["training_seconds_by_work"].items())
-    l_m = ("sum over each state’s 4N outputs (Appendix B.1)" if preset.llc_loss == "sum" else
-           "mean over each state’s 4N outputs (F.mse_loss)")
+    l_m = (f"sum over each state’s 4N outputs (Appendix B.1), at nβ = {preset.llc.nbeta:g}" if preset.llc_loss == "sum" else
+           f"mean over each state’s 4N outputs (F.mse_loss): nβ = {preset.llc.nbeta:g} on it is nβ = "
+           f"{preset.llc.nbeta / (4 * preset.sim.n_particles):.3g} on B.1's sum, the `nbeta_sum` of llc.csv")
     true_mean = np.mean([r['collision_score'] for r in final_rows if r['class'] == 'true'] or [float('nan')])
     lines = [
         "# physim reproduction report\n",
