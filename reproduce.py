@@ -677,13 +677,29 @@ def power_law_analysis(metrics: dict, out: str) -> list[dict]:
                 end = physim.end_of_development(t, c, pieces, rho)
                 heads.append({"run": run, "layer": l, "head": h, "score": float(m.score[-1, l, h]),
                               "class": physim.head_class(m.score[-1, l, h]), "pieces": pieces, "end": end,
-                              "rho": rho, "t": t, "c": np.abs(c), "c_se": m.corr_se[window, l, h]})
+                              "rho": rho, "t": t, "c": np.abs(c), "c_se": m.corr_se[window, l, h],
+                              "score_t": m.score[window, l, h]})
                 rows += [{"run": run, "layer": l, "head": h, "class": heads[-1]["class"], "rho": round(rho, 3),
                           **asdict(p), "end_of_development": p is end["piece"],
                           "head_follows_power_law": end["follows"] if p is end["piece"] else ""} for p in pieces]
     write_csv(os.path.join(out, "regimes.csv"), rows, ["run", "layer", "head", "class", "rho"]
               + [f.name for f in fields(physim.Regime)] + ["end_of_development", "head_follows_power_law"])
     return heads
+
+SIMULTANEOUS = 2.0  # free choice: §3's three events are "simultaneous" if their steps lie within this factor (Fig. 1's log axis)
+
+def timeline(h: dict, llc_rows: list[dict]) -> dict:
+    """When a head's development happens: the first steps its score reaches the partial and the true threshold, the
+    start of its end-of-development power law and of its last piece, and the LLC plateau's onset: the earliest
+    equilibrated estimate from which all later ones (>= 2) stay within PLATEAU of their mean (None: not seen)."""
+    first = lambda threshold: next((float(t) for t, s in zip(h.get("t", []), h.get("score_t", [])) if s >= threshold), None)
+    mine = sorted((r["step"], float(r["llc"])) for r in llc_rows if r["equilibrated"]
+                  and (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"]))
+    onset = next((s for i, (s, _) in enumerate(mine) if len(mine) - i >= 2 and max(v for _, v in mine[i:])
+                  - min(v for _, v in mine[i:]) <= PLATEAU * abs(np.mean([v for _, v in mine[i:]]))), None)
+    return {"run": h["run"], "head": f"{h['layer']}-{h['head']}", "class": h["class"], "partial_from": first(physim.PARTIAL_HEAD_SCORE),
+            "true_from": first(TRUE_HEAD), "power_law_from": h["end"]["piece"].start if h["end"]["follows"] else None,
+            "last_breakpoint": h["pieces"][-1].start if len(h["pieces"]) > 1 else None, "llc_plateau_from": onset}
 
 ENERGY_TOLERANCE = 0.25  # free choice: D.2's "unrealistic" gain and "similar" evolution, as a share of the energy released
 PLATEAU = 0.25  # free choice: the LLC "plateaus" over a regime if its estimates there stay within 25% of their mean
@@ -760,6 +776,48 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
           "each over the energy the truth releases: " + ", ".join(f"run {r} gain {gain[r]:.0%}, distance {gap[r]:.0%} "
           f"(of {scale[r]:.4g})" for r in energy) + f"; both <= {ENERGY_TOLERANCE:.0%} in every run: supported; in some: partly",
           "stable and similar to the truth in all 5 runs (Fig. 7)")
+    # §3: "in most cases the following occur simultaneously: (a) collision detection behaviour emerges, (b) the
+    # attention-distance correlation enters a power law regime, (c) the parameter-restricted [LLC] plateaus".
+    lines = [timeline(h, llc_rows) for h in collision]
+    three = [d for d in lines if None not in (d["partial_from"], d["power_law_from"], d["llc_plateau_from"])]
+    together = [d for d in three if max(d["partial_from"], d["power_law_from"], d["llc_plateau_from"])
+                <= SIMULTANEOUS * min(d["partial_from"], d["power_law_from"], d["llc_plateau_from"])]
+    show = lambda ds, *keys: "; ".join(f"run {d['run']} {d['head']}: " + ", ".join(f"{k} {d[k]:.0f}" for k in keys) for d in ds)
+    claim("Collision detection emerges, c enters a power law and the LLC plateaus simultaneously, in most cases (§3, Fig. 1)",
+          three, len(together) > len(three) / 2, together,
+          f"{len(together)} of {len(three)} collision heads with all three events seen have them within a factor "
+          f"{SIMULTANEOUS:g} in t (emergence: the score first >= {physim.PARTIAL_HEAD_SCORE}; the end-of-development power "
+          f"law's start; the LLC plateau's onset); most: more than half. " + show(three, "partial_from", "power_law_from",
+          "llc_plateau_from") if three else "no collision head has all three events: an LLC plateau needs >= 2 "
+          "equilibrated estimates", "in most cases (Fig. 1)")
+    # §4.3: "the power law dynamics of a computational component become clear well before the [LLC] plateaus".
+    both = [d for d in lines if None not in (d["power_law_from"], d["llc_plateau_from"])]
+    before = [d for d in both if d["power_law_from"] < d["llc_plateau_from"]]
+    claim("The power law becomes clear before the LLC plateaus (§4.3)", both, len(before) > len(both) / 2, before,
+          f"{len(before)} of {len(both)} collision heads with both events seen enter their power law at an earlier step than "
+          "their LLC plateaus; most: more than half. " + show(both, "power_law_from", "llc_plateau_from") if both else
+          "no collision head has both a power law and an LLC plateau (>= 2 equilibrated estimates)", "well before")
+    # §3.3, Fig. 1 (bottom): a partial head becomes a true head, its exponent changing sharply at a breakpoint and
+    # its LLC moving to a higher plateau. Found as consecutive power-law pieces over which the class changes.
+    found = []
+    for h in collision:
+        laws = [p for p in h["pieces"] if p.is_power_law]
+        score_at = lambda step: float(np.interp(step, h.get("t", [0.0]), h.get("score_t", [h["score"]])))
+        for a, b in zip(laws, laws[1:]):
+            if physim.PARTIAL_HEAD_SCORE <= score_at(a.end) < TRUE_HEAD <= score_at(b.end):
+                llc_a, llc_b = ([float(r["llc"]) for r in llc_rows if r["equilibrated"] and p.start <= r["step"] <= p.end
+                                 and (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])] for p in (a, b))
+                found.append({"head": f"run {h['run']} {h['layer']}-{h['head']}", "at": b.start, "from": a.exponent, "to": b.exponent,
+                              "sharp": abs(b.exponent - a.exponent) > a.exponent_ci + b.exponent_ci,
+                              "higher": np.mean(llc_b) > np.mean(llc_a) if llc_a and llc_b else None})
+    claim("A partial head becomes a true head at a breakpoint: the exponent changes sharply and the LLC rises to a higher "
+          "plateau (§3.3, Fig. 1)", True, any(f["sharp"] and f["higher"] for f in found), any(f["sharp"] for f in found),
+          (f"{len(found)} transitions found (a head partial at the end of one power-law piece and true at the end of the "
+           "next): " + "; ".join(f"{f['head']} at step {f['at']:.0f}: t^{f['from']:+.2f} -> t^{f['to']:+.2f}"
+                                 + ("" if f["sharp"] else " (not beyond the two 95 % intervals)")
+                                 + {None: ", LLC not measured on both sides (equilibrated)", True: ", LLC higher after",
+                                    False: ", LLC not higher after"}[f["higher"]] for f in found)) if found else
+          "no head changes from partial to true between two power-law pieces", "shown in Fig. 1 (bottom)")
     return claims
 
 # --- Figures (the paper's Figs. 1-7 and 13-15 from a results folder) --------------------------------------------------
@@ -1247,6 +1305,10 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         + f"Training time by kind of work (to the last checkpoint): {work}.\n",
         "## The paper's claims, checked\n",
         markdown_table([{**c, "verdict": f"**{c['verdict']}**"} for c in claims]),
+        "\nThe development of each collision head, the steps behind the last three claims (empty: not seen; the "
+        "LLC plateau counts equilibrated estimates only):\n",
+        markdown_table([{k: ("" if v is None else f"{v:.0f}" if isinstance(v, float) else v) for k, v in timeline(h, llc_rows).items()}
+                        for h in heads if h["class"] != "none"]),
         "## Head classes (§3.1, Fig. 5)\n",
         f"Rule: a head is a true collision-detection head if its final collision score is >= {TRUE_HEAD}, partial if "
         f">= {physim.PARTIAL_HEAD_SCORE}, else none (the paper: a true cluster near 0.95 and partial clusters between "

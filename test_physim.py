@@ -2507,6 +2507,68 @@ def test_claim_llc_plateau_threshold(first, second, quiet, expected):
     assert _verdicts(heads, llc + unequilibrated)[PLATEAU] == expected
 
 
+SIMULTANEOUS = "Collision detection emerges, c enters a power law and the LLC plateaus simultaneously, in most cases"
+
+
+POWER_LAW_FIRST = "The power law becomes clear before the LLC plateaus"
+
+
+TRANSITION = "A partial head becomes a true head at a breakpoint: the exponent changes sharply and the LLC rises to a higher plateau"
+
+
+def _developing(head, emerges, *exponents, true_at=None):
+    """_head with a score curve: 0 until `emerges`, 0.5 from there, 0.9 from `true_at` (if given)."""
+    h = _head(0, 1, head, "true" if true_at else "partial", *exponents)
+    h["t"] = np.arange(500.0, 4001.0, 100.0)
+    h["score_t"] = np.where(h["t"] >= emerges, 0.5, 0.0) + np.where(h["t"] >= (true_at or 1e9), 0.4, 0.0)
+    return h
+
+
+def _llc_at(head, *points, equilibrated=True):
+    return [{"run": 0, "layer": 1, "head": head, "step": s, "llc": v, "equilibrated": equilibrated} for s, v in points]
+
+
+@pytest.mark.parametrize("emerge, expected", [((1000, 1000), "supported"), ((1000, 2000), "supported"),
+                                              ((1000, 2100), "partly supported"), ((2100, 3000), "not supported")])
+def test_claim_simultaneous_emergence_power_law_and_plateau(emerge, expected):
+    # Proves §3's simultaneity: each head's power law starts at 1000 and its LLC plateaus from 1200 (two flat
+    # equilibrated estimates); the head counts if its emergence (score >= 0.3) lies within a factor 2 of both,
+    # and the claim needs more than half of the heads (1 of 2 is partly). No plateau: not checkable.
+    heads = [_developing(k, e, -0.3) for k, e in enumerate(emerge)]
+    llc = [r for k in range(2) for r in _llc_at(k, (1200, 2.0), (1400, 2.1))]
+    assert _verdicts(heads, llc)[SIMULTANEOUS] == expected
+    assert _verdicts(heads, _llc_at(0, (1200, 2.0)))[SIMULTANEOUS] == "not checkable"
+    assert _verdicts(heads, [{**r, "equilibrated": False} for r in llc])[SIMULTANEOUS] == "not checkable"
+
+
+def test_claim_power_law_before_the_llc_plateau():
+    # Proves §4.3's order: the power law from step 1000 against a plateau from 1200 (before: supported) or
+    # from 600 (after: not supported); 1 of 2 heads is partly.
+    heads = [_developing(0, 1000, -0.3), _developing(1, 1000, -0.3)]
+    late = [r for k in range(2) for r in _llc_at(k, (1200, 2.0), (1400, 2.0))]
+    early = [r for k in range(2) for r in _llc_at(k, (600, 2.0), (1200, 2.0), (1400, 2.0))]
+    assert _verdicts(heads, late)[POWER_LAW_FIRST] == "supported"
+    assert _verdicts(heads, early)[POWER_LAW_FIRST] == "not supported"
+    assert _verdicts(heads, late[:2] + early[3:])[POWER_LAW_FIRST] == "partly supported"
+    assert _verdicts(heads, [])[POWER_LAW_FIRST] == "not checkable"
+
+
+@pytest.mark.parametrize("exponents, after, expected", [
+    ((-0.8, -0.2), 4.0, "supported"),                 # sharp (0.6 > the two 0.01 intervals), LLC 2 -> 4
+    ((-0.8, -0.2), 1.0, "partly supported"),          # sharp, but the LLC falls
+    ((-0.30, -0.31), 4.0, "not supported"),           # a change of 0.01 within the intervals
+])
+def test_claim_transition_from_partial_to_true(exponents, after, expected):
+    # Proves §3.3's transition found automatically: a head partial at the end of one power-law piece (step
+    # 2000, score 0.5) and true at the end of the next (3000, score 0.9), with the exponent's change beyond
+    # the sum of the two 95 % intervals and the equilibrated LLC higher in the second piece. A head that
+    # stays partial has no transition.
+    head = _developing(0, 600, *exponents, true_at=2500)
+    llc = _llc_at(0, (1200, 2.0), (1400, 2.0), (2200, after), (2400, after))
+    assert _verdicts([head], llc)[TRANSITION] == expected
+    assert _verdicts([_developing(0, 600, *exponents)], llc)[TRANSITION] == "not supported"
+
+
 @pytest.mark.parametrize("runs, expected", [
     (((0.0, 0.0), (25.0, 0.0)), "supported"),                       # gains 0 and 25 % of the 100 released; no gap
     (((0.0, 25.0), (25.0, 0.0)), "supported"),                      # a mean gap of 25 %
