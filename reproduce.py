@@ -866,13 +866,15 @@ def plot_correlations(m: Metrics, path: str, run: int) -> None:
 
 def plot_attention(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
                    trajectory: torch.Tensor, path: str) -> None:
-    """Fig. 3: the best and a non-collision head's attention (a line i -> j, opacity α_ij), in free fall and settled."""
+    """Fig. 3: the attention (a line i -> j, opacity α_ij) of the best head, the best partial head (if any) and a
+    non-collision head, in free fall and settled."""
     states = torch.stack([trajectory[30], trajectory[-1]])                  # free fall, settled
     with torch.no_grad():
         _, attn = model(states, return_attention=True)                    # (L, 2, H, N, N+1)
     flat, H = final_score.reshape(-1), final_score.shape[1]
-    heads = [divmod(int(flat.argmax()), H), divmod(int(np.abs(flat).argmin()), H)]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5))
+    partial = [i for i in np.argsort(-flat) if physim.PARTIAL_HEAD_SCORE <= flat[i] < TRUE_HEAD][:1]
+    heads = [divmod(int(i), H) for i in [flat.argmax(), *partial, np.abs(flat).argmin()]]
+    fig, axes = plt.subplots(2, len(heads), figsize=(6 * len(heads), 6.5), squeeze=False)
     for col, (l, h) in enumerate(heads):
         for row, name in enumerate(["free fall (t = 30)", f"settled (t = {preset.sim.n_steps})"]):
             ax = axes[row, col]
