@@ -1268,11 +1268,12 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
            "AR(1) exponent": f"{r['exponent_ar1']:+.3f} ± {r['exponent_ar1_ci']:.3f}",
            "curvature p": f"{r['curvature_p']:.2g}", "exponential p": f"{r['exponential_p']:.2g}"} for r in table5]
     ends = []
-    for h in (h for h in heads if h["class"] != "none"):
+    for h in sorted(heads, key=lambda h: (h["class"] == "none", h["run"], h["layer"], h["head"])):   # collision heads first
         p = h["end"]["piece"]
         inside = (h["t"] >= p.start) & (h["t"] <= p.end) if p else np.zeros(len(h["t"]), bool)
         ends.append({"run": h["run"], "head": f"{h['layer']}-{h['head']}", "class": h["class"],
                      "verdict": "**power law**" if h["end"]["follows"] else "no", "why": h["end"]["why"],
+                     "span in t": f"{p.end / p.start:.3g}x" if p else "", "R²": f"{p.r2:.2f}" if p else "",
                      "change of abs(c) there": f"{h['c'][inside][-1] - h['c'][inside][0]:+.3f}" if p else "",
                      "its error at the end": f"± {h['c_se'][-1]:.3f}"})
     rhos = {h["run"]: h["rho"] for h in heads}
@@ -1331,8 +1332,9 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         "such regime as the end of a head's development, and counts the head as following a power law if it decays "
         "there and an exponential decay does not fit its decaying stretch significantly better. Every piece, with its "
         "diagnostics, is in `regimes.csv`.\n",
-        "**Each collision head at the end of its development**, beside the change of |c| over that piece and the "
-        "bootstrap standard error of c at the end of training:\n",
+        "**Each head at the end of its development** (collision heads first, then the others, by the same rule), "
+        "beside the span of that piece in t, its R², the change of |c| over it and the bootstrap standard error of c "
+        "at the end of training:\n",
         markdown_table(ends),
         "\n**Table 5, ours**: every power-law regime of a collision head (the exponent's ± is the paper's iid 95% "
         "interval; the AR(1) columns and the p values of a curvature and an exponential term are diagnostics):\n",
