@@ -688,6 +688,11 @@ def power_law_analysis(metrics: dict, out: str) -> list[dict]:
               + [f.name for f in fields(physim.Regime)] + ["end_of_development", "head_follows_power_law"])
     return heads
 
+def trusted_llc(llc_rows: list[dict], h: dict, start: float = 0, end: float = math.inf) -> list[tuple[int, float]]:
+    """(step, λ̂) of head h's equilibrated LLC estimates at steps start ... end, in step order: all a claim may use."""
+    return sorted((r["step"], float(r["llc"])) for r in llc_rows if r["equilibrated"] and start <= r["step"] <= end
+                  and (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"]))
+
 SIMULTANEOUS = 2.0  # free choice: §3's three events are "simultaneous" if their steps lie within this factor (Fig. 1's log axis)
 
 def timeline(h: dict, llc_rows: list[dict]) -> dict:
@@ -695,8 +700,7 @@ def timeline(h: dict, llc_rows: list[dict]) -> dict:
     start of its end-of-development power law and of its last piece, and the LLC plateau's onset: the earliest
     equilibrated estimate from which all later ones (>= 2) stay within PLATEAU of their mean (None: not seen)."""
     first = lambda threshold: next((float(t) for t, s in zip(h.get("t", []), h.get("score_t", [])) if s >= threshold), None)
-    mine = sorted((r["step"], float(r["llc"])) for r in llc_rows if r["equilibrated"]
-                  and (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"]))
+    mine = trusted_llc(llc_rows, h)
     onset = next((s for i, (s, _) in enumerate(mine) if len(mine) - i >= 2 and max(v for _, v in mine[i:])
                   - min(v for _, v in mine[i:]) <= PLATEAU * abs(np.mean([v for _, v in mine[i:]]))), None)
     return {"run": h["run"], "head": f"{h['layer']}-{h['head']}", "class": h["class"], "partial_from": first(physim.PARTIAL_HEAD_SCORE),
@@ -742,9 +746,7 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
     # §3: "in most cases ... the parameter-restricted local learning coefficient plateaus" while c is in a power law;
     # §3.3: "such plateaus in the LLC do not occur in heads without two power laws": the quiet heads are the control,
     # judged over the same windows of steps. Only equilibrated estimates count.
-    def estimates(h, start, end):
-        return [float(r["llc"]) for r in llc_rows if (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])
-                and r["equilibrated"] and start <= r["step"] <= end]
+    estimates = lambda h, start, end: [v for _, v in trusted_llc(llc_rows, h, start, end)]
     is_flat = lambda values: max(values) - min(values) <= PLATEAU * abs(np.mean(values))
     checked, flat, control = [], [], []
     for h in collision:
@@ -807,8 +809,7 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
         score_at = lambda step: float(np.interp(step, h.get("t", [0.0]), h.get("score_t", [h["score"]])))
         for a, b in zip(laws, laws[1:]):
             if physim.PARTIAL_HEAD_SCORE <= score_at(a.end) < TRUE_HEAD <= score_at(b.end):
-                llc_a, llc_b = ([float(r["llc"]) for r in llc_rows if r["equilibrated"] and p.start <= r["step"] <= p.end
-                                 and (r["run"], r["layer"], r["head"]) == (h["run"], h["layer"], h["head"])] for p in (a, b))
+                llc_a, llc_b = (estimates(h, p.start, p.end) for p in (a, b))
                 found.append({"head": f"run {h['run']} {h['layer']}-{h['head']}", "at": b.start, "from": a.exponent, "to": b.exponent,
                               "sharp": abs(b.exponent - a.exponent) > a.exponent_ci + b.exponent_ci,
                               "higher": np.mean(llc_b) > np.mean(llc_a) if llc_a and llc_b else None})
