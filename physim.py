@@ -740,18 +740,22 @@ def bootstrap_weights(n: int, replicates: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def head_metrics(model: ParticleTransformer, states: torch.Tensor, targets: torch.Tensor, bootstrap: torch.Tensor) -> dict:
     """Every head's §2.2 metrics on held-out states (S, N, 4) with bootstrap errors (the standard deviation
-    over the resamples `bootstrap` (K, S)), and the held-out loss: {"collision_score", "collision_score_se",
-    "correlation", "correlation_se": (L, H) each, "heldout_loss": float}."""
+    over the resamples `bootstrap` (K, S)), c on each half of the states (two independent held-out sets), and
+    the held-out loss: {"collision_score", "collision_score_se", "correlation", "correlation_se",
+    "correlation_first_half", "correlation_second_half": (L, H) each, "heldout_loss": float}."""
     was_training = model.training
     model.eval()
     predicted, attn = zip(*(model(x, return_attention=True) for x in states.split(64)))
-    attn, positions = torch.cat(attn, 1), states[..., :2]                       # (L, S, H, N, N+1)
-    weights = torch.cat([_state_weights(None, len(states), bootstrap), bootstrap.to(states.device)])  # (1 + K, S)
-    score = collision_detection_score(attn, positions, weights=weights)        # (1 + K, L, H)
-    corr = attention_distance_correlation(attn, positions, weights=weights)    # (1 + K, L, H)
+    attn, positions, S = torch.cat(attn, 1), states[..., :2], len(states)       # (L, S, H, N, N+1)
+    halves = (torch.arange(S) < S // 2).double()
+    weights = torch.cat([_state_weights(None, S, bootstrap), torch.stack([halves / halves.sum(), (1 - halves) / (1 - halves).sum()]),
+                         bootstrap]).to(states.device)                          # (3 + K, S)
+    score = collision_detection_score(attn, positions, weights=weights)        # (3 + K, L, H)
+    corr = attention_distance_correlation(attn, positions, weights=weights)    # (3 + K, L, H)
     model.train(was_training)
-    return {"collision_score": score[0], "collision_score_se": score[1:].std(0), "correlation": corr[0],
-            "correlation_se": corr[1:].std(0), "heldout_loss": float(F.mse_loss(torch.cat(predicted), targets))}
+    return {"collision_score": score[0], "collision_score_se": score[3:].std(0), "correlation": corr[0],
+            "correlation_se": corr[3:].std(0), "correlation_first_half": corr[1], "correlation_second_half": corr[2],
+            "heldout_loss": float(F.mse_loss(torch.cat(predicted), targets))}
 
 
 def chain_health(trace: torch.Tensor, w0_trace: torch.Tensor, burn_in: int, llc: float = 0.0, dimension: int | None = None) -> str:
@@ -916,16 +920,17 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
 # deviations of log|c| are modelled as AR(1), e_k = ρ e_{k−1} + noise, and fitted by generalised least squares:
 # rows r_k − ρ r_{k−1} (Prais-Winsten, the first row scaled by sqrt(1 − ρ²)) have independent errors.
 
-def noise_correlation(t, curves) -> float:
-    """ρ of the AR(1) deviations of log|c| over the second half of training, from several curves: the lag-1
-    autocorrelation r of the centred differences of log|c| is −(1 − ρ)/2, so ρ = 1 + 2 r (median r), in [0, 0.99]."""
+def error_correlation(t, halves) -> float:
+    """ρ of the AR(1) errors of log|c| between neighbouring checkpoints, measured directly: `halves` holds pairs
+    (c₁, c₂) of c(t) on two independent held-out sets; d = log|c₁| − log|c₂| has no trend, only the two sets'
+    errors, so ρ is its lag-1 autocorrelation over the second half of training (median over the pairs), in [0, 0.99]."""
     late, lags = np.asarray(t, dtype=np.float64) >= np.asarray(t)[-1] / 2, []
-    for c in curves:
-        d = np.diff(np.log(np.abs(np.asarray(c, dtype=np.float64)[late])))
+    for c1, c2 in halves:
+        d = np.log(np.abs(np.asarray(c1, dtype=np.float64)[late])) - np.log(np.abs(np.asarray(c2, dtype=np.float64)[late]))
         d = d[np.isfinite(d)] - d[np.isfinite(d)].mean()
         if len(d) > 2 and (d * d).sum() > 0:
             lags.append((d[1:] * d[:-1]).sum() / (d * d).sum())
-    return float(np.clip(1 + 2 * np.median(lags), 0.0, 0.99)) if lags else 0.0
+    return float(np.clip(np.median(lags), 0.0, 0.99)) if lags else 0.0
 
 
 def _ar1_least_squares(A: np.ndarray, y: np.ndarray, rho: float):
@@ -970,6 +975,8 @@ class RegimeConfig:
     min_points: int = 5        # a piece holds at least this many checkpoints ...
     min_span: float = 1.15     # ... and spans this factor in t (Table 5's shortest, 4864-5734, spans 1.18)
     min_r2: float = 0.5        # a power law fits its piece with R² >= this (Table 5 keeps 0.525-0.982)
+    min_exponent: float = 0.04  # ... with |α| >= this (Table 5's shallowest: -0.049) ...
+    min_change: float = 0.05   # ... and |c| changing over it by >= this beyond its error (Table 5's least: 7 %)
     exponential_p: float = 0.01  # end_of_development: an exponential decay fits significantly better at this level
 
 
@@ -980,16 +987,19 @@ class Regime(PowerLawFit):
     exponent_ar1_ci: float = math.nan
     curvature_p: float = math.nan      # p of a quadratic term in log t: small = curved
     exponential_p: float = math.nan    # p of a term linear in t: small = not a pure power law
+    change: float = math.nan           # |c(end)/c(start)| − 1 on the AR(1) line, and the bound of its 95 % interval
+    change_bound: float = math.nan     # nearest 0 (of the same sign, or 0 where the interval holds 0)
     is_power_law: bool = True          # a power-law regime (a row of Table 5) ...
     verdict: str = "fitted"            # ... and why (not)
 
 
 def find_power_law_regimes(t, c, rho: float = 0.0, cfg: RegimeConfig = RegimeConfig()) -> list[Regime]:
-    """Cut log|c| vs log t into straight pieces and say which are power-law regimes; rho from noise_correlation.
+    """Cut log|c| vs log t into straight pieces and say which are power-law regimes; rho from error_correlation.
     1. For k = 1 .. max_segments pieces (each >= min_points points spanning min_span in t), the cut with the
        least total whitened RSS (exact, by dynamic programming); k by BIC, n log(RSS/n) + 3k log n.
-    2. A piece is a power-law regime ("a good linear fit", §3.2) iff R² >= min_r2 and its AR(1) exponent
-       interval excludes 0 (|c| moves). The breakpoints are the transitions (Fig. 1)."""
+    2. A piece is a power-law regime ("a good linear fit", §3.2) iff R² >= min_r2, |α| >= min_exponent and |c|
+       changes over it by >= min_change at the near end of its 95 % AR(1) interval. The breakpoints are the
+       transitions (Fig. 1)."""
     t, x, y = _log_log(t, c)
     n = len(x)
     if n < cfg.min_points:
@@ -1017,10 +1027,17 @@ def find_power_law_regimes(t, c, rho: float = 0.0, cfg: RegimeConfig = RegimeCon
         piece.exponent_ar1_ci = float(scipy.stats.t.ppf(0.975, len(xs) - 2) * math.sqrt(max(cov[1, 1], 0.0)))
         piece.curvature_p = _more_terms_p(ts, xs, ys, ((xs - xs.mean()) / max(xs.std(), 1e-12)) ** 2, rho)
         piece.exponential_p = _more_terms_p(ts, xs, ys, ts / ts[-1], rho)
+        span = xs[-1] - xs[0]                                                    # log(end / start)
+        piece.change = math.expm1(piece.exponent_ar1 * span)
+        near = max(abs(piece.exponent_ar1) - piece.exponent_ar1_ci, 0.0) * math.copysign(1, piece.exponent_ar1)
+        piece.change_bound = math.expm1(near * span)
         if piece.r2 < cfg.min_r2:
             piece.is_power_law, piece.verdict = False, f"R² {piece.r2:.2f} < {cfg.min_r2}"
-        elif abs(piece.exponent_ar1) <= piece.exponent_ar1_ci:
-            piece.is_power_law, piece.verdict = False, "flat: the AR(1) 95% interval of the exponent contains 0"
+        elif abs(piece.exponent_ar1) < cfg.min_exponent:
+            piece.is_power_law, piece.verdict = False, f"flat: |exponent| {abs(piece.exponent_ar1):.3f} < {cfg.min_exponent}"
+        elif abs(piece.change_bound) < cfg.min_change:
+            piece.is_power_law, piece.verdict = False, (f"flat: |c| changes by {piece.change:+.0%}, by {piece.change_bound:+.0%} "
+                                                        f"at its 95% bound (< {cfg.min_change:.0%})")
         else:
             piece.verdict = "power law"
         pieces.append(piece)

@@ -78,6 +78,10 @@ def paper_table5() -> list[dict]:
 # L_m of the LLC: the sum over a state's 4N outputs (Appendix B.1's ℓ) or their mean (F.mse_loss)
 LLC_LOSSES = {"sum": physim.squared_error, "mean": torch.nn.functional.mse_loss}
 
+LLC_SCOPES = {"all": "every LLC head at every LLC checkpoint",
+              "formed": "each true collision head from the first LLC checkpoint at which its score reaches the partial "
+                        "threshold, the controls (the partial and the quiet head) at every LLC checkpoint"}
+
 @dataclass
 class Preset:
     """One reproduction: the physics, the model, training, data, how many runs, the rollout."""
@@ -92,9 +96,11 @@ class Preset:
     llc_checkpoints: int = 32      # LLC at this many checkpoints, log-spaced from 1% of training to its end ...
     llc_heads: int = 8             # ... for up to this many collision heads per run (best first) + a quiet one
     llc_loss: str = "sum"          # L_m: "sum" over a state's 4N outputs (B.1's ℓ) or "mean" (README: traces)
+    llc_scope: str = "all"         # free choice: "all" those heads at every LLC checkpoint; "formed": see LLC_SCOPES
 
     def __post_init__(self):
         check(self.llc_loss in LLC_LOSSES, f"Preset.llc_loss must be one of {sorted(LLC_LOSSES)}, got {self.llc_loss!r}")
+        check(self.llc_scope in LLC_SCOPES, f"the LLC scope must be one of {', '.join(LLC_SCOPES)}, got {self.llc_scope!r}")
 
 FULL = Preset()
 # Scaled down so that one run forms its collision heads and is measured on a 2-core CPU in under 12 minutes (README):
@@ -218,18 +224,25 @@ def preset_from_config(out: str) -> Preset:
     with reading(path):
         return Preset(**{f.name: types[f.name](**c[f.name]) if f.name in types else c[f.name] for f in fields(Preset)})
 
+LLC_SETTINGS = ("llc", "llc_heads", "llc_loss", "llc_scope")   # what the LLC stage alone reads: changeable until it has estimates
+
 def check_config(preset: Preset, out: str, runs: list[int] = ()) -> Preset:
-    """Write or check out/config.json; only the number of runs may differ (--seeds): the larger is returned."""
+    """Write or check out/config.json; only the number of runs may differ (--seeds): the larger is returned. The LLC
+    settings may also differ while no run in out has an LLC estimate (e.g. after `calibrate`): config.json takes them."""
     config_path, config = os.path.join(out, "config.json"), asdict(preset)
     stored = read_json(config_path, default={})
-    check(not stored or {**stored, "runs": 0} == {**config, "runs": 0},
+    same = lambda keys: all(stored.get(k) == config[k] for k in keys)
+    check(not stored or same(k for k in config if k not in ("runs",) + LLC_SETTINGS),
           f"{out} holds results of a different configuration; choose another --out")
+    estimated = glob.glob(os.path.join(glob.escape(out), "run*", "llc", "step_*.json"))
+    check(not stored or same(LLC_SETTINGS) or not estimated, f"{out} holds LLC estimates made with other LLC settings "
+          f"({', '.join(k for k in LLC_SETTINGS if stored.get(k) != config[k])}); delete {out}/run*/llc to re-estimate")
     n_runs = max(stored.get("runs", 0), preset.runs)
     for run in runs:
         check(0 <= run < n_runs, f"run {run} does not exist: {out} has runs 0-{n_runs - 1}")
-    if stored.get("runs", 0) < n_runs:
+    if stored.get("runs", 0) < n_runs or not same(LLC_SETTINGS):
         os.makedirs(out, exist_ok=True)
-        write_json(config_path, config)
+        write_json(config_path, {**config, "runs": n_runs})
     return replace(preset, runs=n_runs)
 
 def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> None:
@@ -239,8 +252,10 @@ def add_time(out: str, stage: str, seconds: float, accumulate: bool = True) -> N
     timings[stage] = round(timings.get(stage, 0.0) * accumulate + seconds, 1)
     write_json(path, timings)
 
-# One run's metrics.csv: checkpoint steps (T,); each head's collision score, c and their errors, each (T, L, H)
-Metrics = NamedTuple("Metrics", [(name, np.ndarray) for name in ("steps", "score", "score_se", "corr", "corr_se")])
+# One run's metrics.csv: checkpoint steps (T,); each head's collision score, c and their errors, each (T, L, H); c on the
+# two halves of the held-out set, (T, 2, L, H)
+Metrics = NamedTuple("Metrics", [(name, np.ndarray) for name in ("steps", "score", "score_se", "corr", "corr_se", "halves")])
+HALVES = ("correlation_first_half", "correlation_second_half")
 
 def read_metrics(rdir: str) -> Metrics:
     path = os.path.join(rdir, "metrics.csv")
@@ -248,13 +263,13 @@ def read_metrics(rdir: str) -> Metrics:
     with reading(path):
         steps = sorted({int(r["step"]) for r in rows})
         L, H = (1 + max(int(r[key]) for r in rows) for key in ("layer", "head"))
-        columns = ("collision_score", "collision_score_se", "correlation", "correlation_se")
+        columns = ("collision_score", "collision_score_se", "correlation", "correlation_se") + HALVES
         values = {c: np.zeros((len(steps), L, H)) for c in columns}
         index = {s: i for i, s in enumerate(steps)}
         for r in rows:
             for c in columns:
                 values[c][index[int(r["step"])], int(r["layer"]), int(r["head"])] = float(r[c])
-        return Metrics(np.array(steps), *values.values())
+        return Metrics(np.array(steps), *(values[c] for c in columns[:4]), np.stack([values[c] for c in HALVES], 1))
 
 def finished_runs(out: str, preset: Preset) -> list[int]:
     """The runs in `out` whose training, rollout and LLC are all done (a report covers those)."""
@@ -370,6 +385,8 @@ def train_run(rdir: str, sim: SimConfig, model_cfg: ModelConfig, train_cfg: Trai
     check(ckpt is None or ckpt["configs"] == configs,
           f"{rdir} holds a run with a different configuration; choose another output folder")
     history, start = (ckpt["history"], ckpt["step"]) if ckpt else ({"metrics": [], "losses": []}, 0)
+    for row in history["metrics"]:                           # a run begun before c was measured on the two halves
+        row.update({k: row.get(k, math.nan) for k in HALVES})
     heldout_x, heldout_y = physim.heldout_set(sim, data_cfg, device)
     resamples = physim.bootstrap_weights(data_cfg.heldout_states, data_cfg.bootstrap)   # the same every checkpoint
     per_chunk = data_cfg.chunk_trajectories * sim.n_steps // train_cfg.batch_size
@@ -569,21 +586,27 @@ def llc_of_heads(model, criterion, data, heads: list, cfg: LLCConfig, group: int
             torch.cuda.empty_cache()       # out here, where the failed attempt's tensors are released
         print(f"\n{label or 'LLC'}: out of device memory; retrying with {group} heads batched", file=sys.stderr)
 
+def scoped_heads(preset: Preset, m: Metrics, step: int) -> list[tuple[int, int]]:
+    """The LLC heads (llc_heads) estimated at checkpoint `step` under preset.llc_scope (LLC_SCOPES)."""
+    heads, k = llc_heads(m.score[-1], preset.llc_heads), int(np.searchsorted(m.steps, step))
+    return [(l, h) for l, h in heads if preset.llc_scope == "all" or m.score[-1, l, h] < TRUE_HEAD
+            or m.score[k, l, h] >= physim.PARTIAL_HEAD_SCORE]
+
 def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int] | None = None) -> None:
     """The LLC (Appendix B) of the chosen heads: a JSON per LLC checkpoint (`steps`: only these) under rdir/llc/,
     skipped where it exists; rdir/llc.csv once all exist."""
     m = read_metrics(rdir)
-    heads = llc_heads(m.score[-1], preset.llc_heads)
     os.makedirs(os.path.join(rdir, "llc"), exist_ok=True)
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
                                     preset.llc.batch_size, device)
-    chosen, group = llc_steps(m.steps, preset.llc_checkpoints), len(heads)
+    chosen, group = llc_steps(m.steps, preset.llc_checkpoints), len(llc_heads(m.score[-1], preset.llc_heads))
     for i, step in enumerate(chosen):
         path = llc_path(rdir, step)
         if os.path.exists(path) or (steps is not None and step not in steps):
             continue
+        heads = scoped_heads(preset, m, step)
         model, t0 = model_from_checkpoint(load_torch(weights_path(rdir, step)), device), time.time()
-        results, group = llc_of_heads(model, LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, group,
+        results, group = llc_of_heads(model, LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, min(group, len(heads)),
                                       label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})",
                                       state=path.removesuffix(".json"))
         thin = max(1, preset.llc.steps // 500)
@@ -632,25 +655,30 @@ def llc_shard(preset: Preset, out: str, device: str, shard: int, shards: int) ->
 
 CALIBRATION_FACTORS, CALIBRATION_MAX_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0), 1000   # ε = the preset's ε x these; chain length cap
 
-def calibrate(out: str, device: str) -> physim.Calibration:
-    """`reproduce.py calibrate`: physim.calibrate_llc (B.2.1) on the first trained run: calibration.csv/.json/.png."""
+def calibrate(out: str, device: str, step_sizes: list[float] | None = None, steps: int | None = None,
+              probe: list[int] | None = None) -> physim.Calibration:
+    """`reproduce.py calibrate`: physim.calibrate_llc (B.2.1) on the first trained run: calibration.csv/.json/.png.
+    step_sizes (default: the preset's ε x CALIBRATION_FACTORS), steps T (default: the preset's, at most
+    CALIBRATION_MAX_STEPS; B in the preset's proportion) and the probed checkpoints (default: the first, middle and
+    last LLC checkpoint) can be set."""
     preset = preset_from_config(out)
     runs = [r for r in range(preset.runs) if os.path.exists(os.path.join(run_dir(out, r), "metrics.csv"))]
     check(len(runs) > 0, f"{out} holds no trained run yet: nothing to calibrate")
     m = read_metrics(rdir := run_dir(out, runs[0]))
     heads, chosen = llc_heads(m.score[-1], preset.llc_heads), llc_steps(m.steps, preset.llc_checkpoints)
-    probed = sorted({chosen[0], chosen[len(chosen) // 2], chosen[-1]})
+    probed = sorted(set(probe or {chosen[0], chosen[len(chosen) // 2], chosen[-1]}))
     for step in probed:
+        check(step in chosen, f"--checkpoints: {step} is not an LLC checkpoint of {rdir} ({', '.join(map(str, chosen))})")
         check(os.path.exists(weights_path(rdir, step)), f"{rdir} has no weights at step {step} yet: finish its training "
                                                         "first")
     models = {step: model_from_checkpoint(load_torch(weights_path(rdir, step)), device) for step in probed}
-    steps = min(preset.llc.steps, CALIBRATION_MAX_STEPS)
+    steps = steps or min(preset.llc.steps, CALIBRATION_MAX_STEPS)
     cfg = LLCConfig(**{**asdict(preset.llc), "steps": steps, "burn_in": preset.llc.burn_in * steps // preset.llc.steps})
     data = physim.simulator_batches(preset.sim, DataConfig(chunk_trajectories=llc_chunk_trajectories(preset)),
                                     cfg.batch_size, device)
     cal = physim.calibrate_llc(models, LLC_LOSSES[preset.llc_loss], data,
                                [physim.head_parameters(models[probed[0]], l, h) for l, h in heads], cfg,
-                               [preset.llc.step_size * f for f in CALIBRATION_FACTORS], on_cell=lambda done, total: print(
+                               step_sizes or [preset.llc.step_size * f for f in CALIBRATION_FACTORS], on_cell=lambda done, total: print(
                                    f"\rrun {runs[0]} calibration: cell {done}/{total}", end="", file=sys.stderr))
     print(file=sys.stderr)
     rows = [{"run": runs[0], "step": r["model"], "head": "{}-{}".format(*heads[r["subset"]]),
@@ -671,7 +699,7 @@ def power_law_analysis(metrics: dict, out: str) -> list[dict]:
     for run, m in metrics.items():
         window = m.steps >= m.steps[-1] / 100
         t, (L, H) = m.steps[window], m.score.shape[1:]
-        rho = physim.noise_correlation(t, [m.corr[window, l, h] for l in range(L) for h in range(H)])
+        rho = physim.error_correlation(t, [m.halves[window, :, l, h].T for l in range(L) for h in range(H)])
         for l in range(L):
             for h in range(H):
                 c = m.corr[window, l, h]
@@ -728,8 +756,9 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
     paper_frac = paper_heads / (paper_heads + PAPER_ANOMALOUS_HEADS)
     claim("Collision-detection heads follow power laws (§3.2)", collision, frac >= 0.8, frac >= 0.5,
           f"{len(follows)} of {len(collision)} collision heads (true or partial) decay as a power law at the end of "
-          f"their development (its last changing piece has R² >= {physim.RegimeConfig.min_r2} and no exponential fits "
-          f"its decaying stretch better); {len(rising)} rise there instead. Supported at >= 80%, partly at >= 50%. "
+          f"their development (its last changing piece: R² >= {physim.RegimeConfig.min_r2}, |exponent| >= "
+          f"{physim.RegimeConfig.min_exponent}, |c| changing >= {physim.RegimeConfig.min_change:.0%} beyond its error; no "
+          f"exponential fits its decaying stretch better); {len(rising)} rise there instead. Supported at >= 80%, partly at >= 50%. "
           f"Stricter, as a diagnostic: {len(stricter)} with R² >= {STRICT_R2} and no significant curvature",
           f"{paper_heads} of {paper_heads + PAPER_ANOMALOUS_HEADS} ({paper_frac:.0%}); 3 more rising, 3 with none")
     n_other = sum(h["end"]["follows"] for h in others)
@@ -1022,6 +1051,27 @@ def plot_power_laws(heads: list[dict], path: str) -> None:
                  "the end of development; dotted: not a power law)", fontsize=8)
     save_figure(fig, path, dpi=110)
 
+def plot_heads_side_by_side(heads: list[dict], path: str) -> None:
+    """|c(t)| of every head of a run, the collision heads beside the others, by one rule: a head whose c follows a
+    power law at the end of its development is drawn red, with that section thick; the rest grey."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, (title, group) in zip(axes, (("collision heads (true or partial)", [h for h in heads if h["class"] != "none"]),
+                                         ("the other heads", [h for h in heads if h["class"] == "none"]))):
+        for h in group:
+            follows, p = h["end"]["follows"], h["end"]["piece"]
+            ax.loglog(h["t"], h["c"], color="tab:red" if follows else "0.6", lw=0.8, alpha=0.9)
+            if follows:
+                inside = (h["t"] >= p.start) & (h["t"] <= p.end)
+                ax.loglog(h["t"][inside], h["c"][inside], color="tab:red", lw=2.5)
+                ax.annotate(f"{h['layer']}-{h['head']}", (h["t"][inside][-1], h["c"][inside][-1]), fontsize=6)
+        n = sum(h["end"]["follows"] for h in group)
+        ax.set(title=f"{title}: {n} of {len(group)} follow a power law", xlabel="training step t")
+        ax.title.set_fontsize(9)
+    axes[0].set_ylabel("|c(t)|")
+    fig.suptitle(f"run {heads[0]['run']}: red, a power law at the end of development (thick: that section); grey, not",
+                 fontsize=8)
+    save_figure(fig, path, dpi=110)
+
 def plot_exponents(table5: list[dict], path: str) -> None:
     """Fig. 6: every collision head's power-law exponents, ours beside Table 5's (95% bars only where <= ±0.05)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -1193,7 +1243,7 @@ def write_report(out: str, device: str) -> dict:
     final_rows, work = [], {}
     for run, m in metrics.items():
         final_rows += [{"run": run, "layer": l, "head": h, **{k: round(float(a[-1, l, h]), 4) for k, a in zip(
-            ("collision_score", "collision_score_se", "correlation", "correlation_se"), m[1:])},
+            ("collision_score", "collision_score_se", "correlation", "correlation_se"), m[1:5])},
             "class": physim.head_class(m.score[-1, l, h])} for l in range(m.score.shape[1]) for h in range(m.score.shape[2])]
         plot_correlations(m, os.path.join(fig_dir, f"correlation_run{run}.png"), run)
         latest = load_latest_checkpoint(run_dir(out, run))
@@ -1221,6 +1271,7 @@ def write_report(out: str, device: str) -> dict:
               ["run", "layer", "head", "class"] + [f.name for f in fields(physim.Regime) if f.name not in dropped])
     for run in runs:
         plot_power_laws([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"power_laws_run{run}.png"))
+        plot_heads_side_by_side([h for h in heads if h["run"] == run], os.path.join(fig_dir, f"heads_by_class_run{run}.png"))
         best = max((h for h in heads if h["run"] == run), key=lambda h: h["score"])
         plot_fig1(best, metrics[run], llc_rows, os.path.join(fig_dir, f"fig1_run{run}_head{best['layer']}-{best['head']}.png"))
     plot_exponents(table5, os.path.join(fig_dir, "exponents.png"))
@@ -1273,12 +1324,12 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
     ends = []
     for h in sorted(heads, key=lambda h: (h["class"] == "none", h["run"], h["layer"], h["head"])):   # collision heads first
         p = h["end"]["piece"]
-        inside = (h["t"] >= p.start) & (h["t"] <= p.end) if p else np.zeros(len(h["t"]), bool)
         ends.append({"run": h["run"], "head": f"{h['layer']}-{h['head']}", "class": h["class"],
                      "verdict": "**power law**" if h["end"]["follows"] else "no", "why": h["end"]["why"],
-                     "span in t": f"{p.end / p.start:.3g}x" if p else "", "R²": f"{p.r2:.2f}" if p else "",
-                     "change of abs(c) there": f"{h['c'][inside][-1] - h['c'][inside][0]:+.3f}" if p else "",
-                     "its error at the end": f"± {h['c_se'][-1]:.3f}"})
+                     "steps": f"{p.start:.0f}-{p.end:.0f}" if p else "", "span in t": f"{p.end / p.start:.3g}x" if p else "",
+                     "exponent": f"{p.exponent:+.3f}" if p else "", "R²": f"{p.r2:.2f}" if p else "",
+                     "change of abs(c) (95% bound)": f"{p.change:+.0%} ({p.change_bound:+.0%})" if p else "",
+                     "abs(c) at the end": f"{h['c'][-1]:.3f} ± {h['c_se'][-1]:.3f}"})
     rhos = {h["run"]: h["rho"] for h in heads}
     decay = [r["exponent"] for r in table5 if r["exponent"] < 0]
     figures = sorted(os.listdir(os.path.join(out, "figures")))
@@ -1328,17 +1379,21 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         "The paper's rule (§3.2): at the end of its development (at the end of training, or before c stops changing) "
         "the correlation of a collision head evolves as a power law, a section of log|c| vs log t with a good linear "
         "fit. `physim.find_power_law_regimes` cuts each head's log|c| vs log t into straight pieces (checkpoints from "
-        "1% of training on); a piece is a power-law regime if its exponent is resolved and R² >= "
-        f"{physim.RegimeConfig.min_r2} (Table 5 keeps 0.525 and up). c(t) drifts from checkpoint to checkpoint, so "
-        "intervals and tests allow for AR(1) errors, with the coefficient ρ estimated per run ("
+        "1% of training on); a piece is a power-law regime if R² >= "
+        f"{physim.RegimeConfig.min_r2} (Table 5 keeps 0.525 and up), |exponent| >= {physim.RegimeConfig.min_exponent} "
+        f"(Table 5's shallowest: 0.049) and |c| changes over it by >= {physim.RegimeConfig.min_change:.0%} at the near "
+        "end of its 95% interval (Table 5's least: 7%). c(t) drifts from checkpoint to checkpoint, so "
+        "intervals and tests allow for AR(1) errors, with the coefficient ρ measured per run from c on the two halves of "
+        "the held-out set (`physim.error_correlation`: their difference holds only the errors; "
         + ", ".join(f"run {r}: ρ = {v:.2f}" for r, v in rhos.items()) + "). `physim.end_of_development` takes the last "
         "such regime as the end of a head's development, and counts the head as following a power law if it decays "
         "there and an exponential decay does not fit its decaying stretch significantly better. Every piece, with its "
         "diagnostics, is in `regimes.csv`.\n",
         "**Each head at the end of its development** (collision heads first, then the others, by the same rule), "
-        "beside the span of that piece in t, its R², the change of |c| over it and the bootstrap standard error of c "
-        "at the end of training:\n",
+        "beside that piece's steps, span in t, exponent, R² and the change of |c| over it (on its AR(1) line, and at "
+        "the near end of its 95% interval), and |c| ± its bootstrap standard error at the end of training:\n",
         markdown_table(ends),
+        images("heads_by_class"),
         "\n**Table 5, ours**: every power-law regime of a collision head (the exponent's ± is the paper's iid 95% "
         "interval; the AR(1) columns and the p values of a curvature and an exponential term are diagnostics):\n",
         markdown_table(t5),
@@ -1629,6 +1684,14 @@ def parse_args(argv):
     add("--compile", action="store_true", help="train a torch.compile'd model (falls back to eager where compiling fails)")
     add("--report", metavar="DIR", default=None, help="rebuild every figure, table and DIR/REPORT.md from the results "
         "saved in DIR, without training (whatever runs are finished there)")
+    add("--llc-scope", choices=sorted(LLC_SCOPES), default=None, help="which LLC estimates to make: " + "; ".join(
+        f"{k}: {v}" for k, v in LLC_SCOPES.items()) + " (default: the preset's)")
+    add("--step-sizes", default=None, metavar="LIST", help="calibrate: the step sizes ε to probe, e.g. 4e-3,8e-3,1.6e-2 "
+        "(default: the preset's ε x 0.25, 0.5, 1, 2, 4)")
+    add("--llc-steps", type=int, default=None, metavar="T", help="calibrate: the chain length T of the estimates (chains "
+        f"run 2T; default: the preset's, at most {CALIBRATION_MAX_STEPS}; burn-in in the preset's proportion)")
+    add("--checkpoints", default=None, metavar="LIST", help="calibrate: the LLC checkpoint steps to probe, e.g. 64000 "
+        "(default: the first, middle and last)")
     add("--out", default=None, help="output folder (default: runs/full with --full, runs/medium with --medium, runs/bench "
         "for bench, else runs/scaled); re-running into the same folder resumes")
     return parser.parse_args(argv)
@@ -1649,8 +1712,9 @@ def main(argv=None) -> int:
         check(not os.path.exists(out) or os.path.isdir(out),
               f"--out {out} is a file, not a folder: name a folder for the results")
         unused = ["--runs", "--seeds", "--compile", "--full", "--medium", "--report", "--llc-shard", "--no-llc",
-                  "--time-limit"] if args.command != "run" else []
+                  "--time-limit", "--llc-scope"] if args.command != "run" else []
         unused = [f for f in unused if args.command == "bench" or f not in ("--full", "--medium")]
+        unused += ["--step-sizes", "--llc-steps", "--checkpoints"] if args.command != "calibrate" else []
         given = [flag for flag in unused if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         check(not given, f"{args.command} does not use {', '.join(given)}: drop it")
         check(not (args.report and args.llc_shard),
@@ -1661,6 +1725,10 @@ def main(argv=None) -> int:
               "--seeds goes with a training call, not with --report or --llc-shard")
         if args.seeds is not None:
             preset = replace(preset, runs=args.seeds)
+        if args.llc_scope is not None:
+            preset = replace(preset, llc_scope=args.llc_scope)
+        check(args.llc_scope is None or not args.report, "--llc-scope goes with the call that estimates, not with "
+              "--report (which reports what the folder holds)")
         check(not (args.no_llc and (args.report or args.llc_shard)),
               "--no-llc goes with a training call, not with --report or --llc-shard")
         if args.time_limit is not None:
@@ -1680,7 +1748,16 @@ def main(argv=None) -> int:
             print(f"Projected wall time on this {device} device (projection.csv):\n" + markdown_table(projection))
             return 0
         if args.command == "calibrate":
-            print(calibrate(out, device).statement)
+            probe = {}
+            for flag, kind in (("step_sizes", float), ("checkpoints", int)):
+                try:
+                    probe[flag] = None if getattr(args, flag) is None else [kind(v) for v in getattr(args, flag).split(",")]
+                except ValueError:
+                    raise ValueError(f"--{flag.replace('_', '-')} wants comma-separated numbers, got "
+                                     f"{getattr(args, flag)!r}") from None
+            check(all(e > 0 for e in probe["step_sizes"] or [1]), "--step-sizes must be positive")
+            check(args.llc_steps is None or args.llc_steps >= 8, f"--llc-steps wants T >= 8, got {args.llc_steps}")
+            print(calibrate(out, device, probe["step_sizes"], args.llc_steps, probe["checkpoints"]).statement)
             return 0
         if args.llc_shard is not None:
             try:

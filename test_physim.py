@@ -1422,9 +1422,9 @@ def test_no_power_law_at_the_end_of_exponentials_or_noise(curve, seed):
     assert pieces and not end["follows"], (end["why"], [(p.exponent, p.start, p.end) for p in pieces])
 
 
-# Synthetic runs for the judge, on the full schedule: c(t) with AR(1) deviations of log|c| between
-# checkpoints. ρ = 0.40 was measured on our scaled run (physim.noise_correlation over its 24 heads; the
-# median per head of the same estimate on collision heads alone gave 0.48); 0.9 is a strongly drifting run.
+# Synthetic runs for the judge, on the full schedule: c(t) on two independent held-out sets, each with AR(1)
+# errors of log|c| between checkpoints; the judged curve is c on both (their mean error). ρ = 0.40 was measured
+# on our scaled run by the residual method (not the halves); 0.9 is errors as correlated as the issue asks for.
 MEASURED_RHO = 0.40
 
 
@@ -1453,51 +1453,92 @@ def _planted(rng, kind):
     return y, math.sqrt(alpha ** 2 * regime.var() * (1 - r2) / r2), t0, t1
 
 
+def _two_sets(y, sigma, rho, rng):
+    """c on two held-out sets (errors of sd sigma·√2 each, AR(1) in t) and on both: (c₁, c₂), c."""
+    e1, e2 = (_ar1(len(y), rho, sigma * math.sqrt(2), rng) for _ in range(2))
+    return (np.exp(y + e1), np.exp(y + e2)), np.exp(y + (e1 + e2) / 2)
+
+
 def _judged_run(curves, rho, rng):
-    """Add AR(1) noise to (log|c|, sigma) curves, estimate ρ over the run, judge each curve's end of development."""
+    """Measure ρ from the two sets of (log|c|, sigma) curves, judge each curve's end of development."""
     window = STEPS >= STEPS[-1] / 100
-    cs = [np.exp(y + _ar1(len(STEPS), rho, sigma, rng))[window] for y, sigma in curves]
-    rho_hat = P.noise_correlation(STEPS[window], cs)
-    return [P.end_of_development(STEPS[window], c, P.find_power_law_regimes(STEPS[window], c, rho_hat), rho_hat)
-            for c in cs]
+    sets = [_two_sets(y, sigma, rho, rng) for y, sigma in curves]
+    rho_hat = P.error_correlation(STEPS[window], [(a[window], b[window]) for (a, b), _ in sets])
+    return [P.end_of_development(STEPS[window], c[window], P.find_power_law_regimes(STEPS[window], c[window], rho_hat), rho_hat)
+            for _, c in sets]
 
 
 @pytest.mark.parametrize("rho", [0.0, MEASURED_RHO, 0.9])
-def test_noise_correlation_recovers_the_ar1_coefficient(rho):
-    # Proves noise_correlation estimates ρ of AR(1) deviations under a moving trend: 16 planted curves
-    # of a run give ρ within ±0.1 (their late power laws move slowly next to the deviations).
+def test_error_correlation_measures_the_ar1_coefficient_from_two_heldout_sets(rho):
+    # Proves error_correlation measures ρ of the errors, not of the curve: 16 planted curves of a run, each
+    # on two sets, give ρ within ±0.1 (the two sets' difference holds no trend, whatever the curve does).
     rng = np.random.default_rng(3)
-    curves = [np.exp(y + _ar1(len(STEPS), rho, sigma, rng)) for y, sigma, _, _ in (_planted(rng, "late") for _ in range(16))]
-    assert P.noise_correlation(STEPS, curves) == pytest.approx(rho, abs=0.1)
+    halves = [_two_sets(y, sigma, rho, rng)[0] for y, sigma, _, _ in (_planted(rng, "late") for _ in range(16))]
+    assert P.error_correlation(STEPS, halves) == pytest.approx(rho, abs=0.1)
 
 
 @pytest.mark.parametrize("rho", [MEASURED_RHO, 0.9])
 @pytest.mark.parametrize("kind", ["late", "stops"])
 def test_judge_recovers_planted_late_power_laws(kind, rho):
     # Proves the end-of-development judge finds a late power law planted at Table 5's R² with errors
-    # correlated as in our runs (and more), in >= 90 % of 64 draws (4 runs of 16 heads), whether it lasts
-    # to the end of training or c stops changing after it: the judged piece is a decaying power law
-    # that overlaps the planted regime.
+    # correlated as in our runs, and as strongly as 0.9, in >= 85 % of 64 draws (4 runs of 16 heads), whether
+    # it lasts to the end of training or c stops changing after it: the judged piece is a decaying power
+    # law that overlaps the planted regime (a short last piece fitted to the errors must not decide).
     rng = np.random.default_rng(0)
     found = 0
     for _ in range(4):
         planted = [_planted(rng, kind) for _ in range(16)]
         for end, (_, _, t0, t1) in zip(_judged_run([(y, s) for y, s, _, _ in planted], rho, rng), planted):
             found += end["follows"] and end["piece"].end >= t0 and end["piece"].start <= t1
-    assert found >= 0.9 * 64, found
+    assert found >= 0.85 * 64, found
 
 
 @pytest.mark.parametrize("rho", [MEASURED_RHO, 0.9])
-@pytest.mark.parametrize("curve", ["exponential 2k", "exponential 5k", "exponential 20k", "noise"])
-def test_judge_calls_no_exponential_or_noise_a_power_law(curve, rho):
-    # Proves exponential decays (time constants 2k, 5k, 20k steps of 64k) and flat noise, with 2 %
-    # AR(1) deviations, are not called power laws in >= 90 % of 64 draws. Without the exponential test on
-    # the decaying stretch, every exponential draw would be (R² alone cannot tell them apart).
+@pytest.mark.parametrize("curve", ["exponential 2k", "exponential 5k", "exponential 20k", "noise", "drift t^-0.03"])
+def test_judge_calls_no_exponential_noise_or_drift_a_power_law(curve, rho):
+    # Proves exponential decays (time constants 2k, 5k, 20k steps of 64k), flat noise and a slow drift
+    # (t^-0.03: |c| changes 13 % over two decades, shallower than every row of Table 5), with 2 % AR(1)
+    # errors, are not called power laws in >= 90 % of 64 draws. Without the exponential test on the
+    # decaying stretch, every exponential draw would be (R² alone cannot tell them apart).
     rng = np.random.default_rng(1)
-    clean = {"exponential 2k": -STEPS / 2000, "exponential 5k": -STEPS / 5000,
-             "exponential 20k": -STEPS / 20000, "noise": np.full(len(STEPS), math.log(0.1))}[curve]
+    clean = {"exponential 2k": -STEPS / 2000, "exponential 5k": -STEPS / 5000, "exponential 20k": -STEPS / 20000,
+             "noise": np.full(len(STEPS), math.log(0.1)), "drift t^-0.03": -0.03 * np.log(np.maximum(STEPS, 1))}[curve]
     called = sum(end["follows"] for _ in range(4) for end in _judged_run([(clean, 0.02)] * 16, rho, rng))
     assert called <= 0.1 * 64, called
+
+
+@pytest.mark.parametrize("row", [(-0.049, 13696, 64000, 0.788), (-0.784, 4864, 5734, 0.934)])
+def test_table5s_shallowest_and_shortest_sections_are_power_laws(row):
+    # Proves the definition keeps the paper's own extremes: Table 5's shallowest late section (run 3, head
+    # 1-2: t^-0.049 over steps 13 696-64 000, |c| changing 7 %, R² 0.788) and its shortest (run 0, head
+    # 1-4: t^-0.784 over 4 864-5 734, a factor 1.18 in t, c flat after), each at its R² and flat before,
+    # are found as the decaying power law at the end of development in >= 90 % of 32 draws.
+    alpha, t0, t1, r2 = row
+    steps = STEPS[STEPS >= STEPS[-1] / 100]
+    lt = np.log(steps)
+    y = alpha * (np.clip(lt, math.log(t0), math.log(t1)) - math.log(t0))
+    regime = lt[(steps >= t0) & (steps <= t1)]
+    sigma = math.sqrt(alpha ** 2 * regime.var() * (1 - r2) / r2)
+    rng, found = np.random.default_rng(2), 0
+    for _ in range(32):
+        c = np.exp(y + sigma * rng.standard_normal(len(steps)))
+        end = P.end_of_development(steps, c, P.find_power_law_regimes(steps, c))
+        found += end["follows"] and end["piece"].start <= t1 and end["piece"].end >= t0
+    assert found >= 0.9 * 32, found
+
+
+def test_a_piece_is_a_power_law_only_above_the_stated_exponent_and_change():
+    # Proves the two minimums of the definition at their thresholds, on exact lines (no noise) over steps
+    # 1 000-64 000: |exponent| 0.041 is a power law and 0.039 is not (min_exponent 0.04); over 1 000-2 000,
+    # t^-0.08 changes |c| by 5.4 % (a power law) and t^-0.07 by 4.7 % (not: min_change 5 %).
+    def verdicts(alpha, end):
+        t = np.geomspace(1000, end, 40)
+        return [p.is_power_law for p in P.find_power_law_regimes(t, t ** alpha)]
+    assert verdicts(-0.041, 64000) == [True] and verdicts(-0.039, 64000) == [False]
+    assert verdicts(-0.08, 2000) == [True] and verdicts(-0.07, 2000) == [False]
+    t = np.geomspace(1000, 64000, 40)
+    piece = P.find_power_law_regimes(t, t ** -0.1)[0]
+    assert piece.change == pytest.approx(64 ** -0.1 - 1) and piece.change_bound == pytest.approx(piece.change)
 
 
 def test_regimes_of_a_single_power_law_is_one_piece():
@@ -1720,7 +1761,7 @@ def test_short_training_lowers_loss_and_writes_csvs(trained_run):
 
     metrics = read_csv(os.path.join(run_dir, "metrics.csv"))
     assert list(metrics[0]) == ["step", "layer", "head", "collision_score", "collision_score_se", "correlation",
-                                "correlation_se"]
+                                "correlation_se", "correlation_first_half", "correlation_second_half"]
     assert len(metrics) == len(schedule) * L * H
     assert [(int(r["step"]), int(r["layer"]), int(r["head"])) for r in metrics] == \
         [(s, l, h) for s in schedule for l in range(L) for h in range(H)]
@@ -1755,6 +1796,18 @@ def test_half_precision_weights_leave_the_analysis_unchanged(trained_run):
     data = P.dataset_batches(x, y, 16)
     llc32, llc16 = (P.estimate_llc(m, F_mse, data, P.head_parameters(m, 1, 0), cfg) for m in (model, half))
     assert np.allclose(llc16.chain_llc, llc32.chain_llc, rtol=0.03), (llc16.chain_llc, llc32.chain_llc)
+
+
+def test_head_metrics_measure_c_on_each_half_of_the_heldout_set(trained_run):
+    # Proves the two independent held-out sets of error_correlation: c on the first and on the second half
+    # of the held-out states equals c measured on that half alone.
+    _, model = trained_run
+    x, y = P.heldout_set(TRAIN_SIM, TRAIN_DATA)
+    both, n = P.head_metrics(model, x, y, P.bootstrap_weights(len(x), 4)), len(x) // 2
+    for key, part in (("correlation_first_half", slice(0, n)), ("correlation_second_half", slice(n, None))):
+        alone = P.head_metrics(model, x[part], y[part], P.bootstrap_weights(n, 4))
+        torch.testing.assert_close(both[key], alone["correlation"], rtol=0, atol=1e-6)
+    assert not torch.allclose(both["correlation_first_half"], both["correlation_second_half"])
 
 
 def test_compile_falls_back_to_eager_where_it_fails(tmp_path, monkeypatch, capsys):
@@ -1898,6 +1951,25 @@ def test_llc_heads_are_the_true_heads_then_a_partial_and_a_quiet_control():
     assert R.llc_heads(np.array([[0.5, 0.02]]), 3) == [(0, 0), (0, 1)]
 
 
+def test_llc_scope_formed_drops_true_heads_before_they_form_and_keeps_the_controls():
+    # Proves --llc-scope: "all" samples every LLC head at every checkpoint; "formed" samples a true head
+    # from the first checkpoint at which its score reaches 0.3 (not before), the controls at every one.
+    steps = np.array([100, 200, 400])
+    score = np.zeros((3, 1, 4))
+    score[:, 0, 0] = [0.1, 0.3, 0.9]          # true, forms at step 200
+    score[:, 0, 1] = [0.0, 0.29, 0.85]        # true, forms at step 400
+    score[:, 0, 2] = [0.1, 0.5, 0.6]          # the partial control
+    score[:, 0, 3] = [0.2, 0.0, 0.01]         # the quiet control
+    m = R.Metrics(steps, score, score, score, score, np.stack([score, score], 1))
+    every = R.Preset(llc_heads=2)
+    formed = R.replace(every, llc_scope="formed")
+    assert [R.scoped_heads(every, m, s) for s in steps] == [[(0, 0), (0, 1), (0, 2), (0, 3)]] * 3
+    assert [R.scoped_heads(formed, m, s) for s in steps] == [[(0, 2), (0, 3)], [(0, 0), (0, 2), (0, 3)],
+                                                             [(0, 0), (0, 1), (0, 2), (0, 3)]]
+    with pytest.raises(ValueError, match="LLC scope must be one of all, formed"):
+        R.Preset(llc_scope="some")
+
+
 def test_eta_weighs_each_kind_of_work_by_its_own_cost():
     # Proves the training ETA counts what is left of each kind of work at that kind's measured cost:
     # 10 steps of 0.1 s and 1 checkpoint of 3 s done leave 90 steps and 4 checkpoints: 9 + 12 = 21 s
@@ -1970,9 +2042,15 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert os.path.getmtime(os.path.join(out, "run0", "simulator.json")) == stamp
     assert {k: v for k, v in first.items() if k != "wall_seconds_this_call"} == \
            {k: v for k, v in second.items() if k != "wall_seconds_this_call"}
+    with pytest.raises(ValueError, match="different configuration"):                 # training settings: never
+        R.check_config(R.Preset(**{**preset.__dict__, "rollout_steps": preset.rollout_steps + 1}), out)
     other = R.Preset(**{**preset.__dict__, "llc_heads": preset.llc_heads + 1})
-    with pytest.raises(ValueError, match="different configuration"):
-        R.reproduce(other, out, "cpu")
+    with pytest.raises(ValueError, match=r"other LLC settings \(llc_heads\); delete .*llc to re-estimate"):
+        R.check_config(other, out)                                   # LLC settings: not while estimates exist ...
+    moved = str(tmp_path / "no_llc")
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("llc"))
+    R.check_config(other, moved)                                     # ... but without them config.json takes them
+    assert R.preset_from_config(moved) == other and R.preset_from_config(out) == preset
     # --report rebuilds everything from the saved results, without training
     os.remove(os.path.join(out, "REPORT.md"))
     assert R.main(["--report", out, "--device", "cpu"]) == 0
@@ -1991,6 +2069,16 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
         os.path.join(out, "figures", "calibration.png"))
     passing = [e for e in grid if all(r["passes"] == "True" for r in rows if float(r["step_size"]) == e)]
     assert record["step_size"] == (pytest.approx(max(passing)) if passing else None)
+    # ... or the ε, T and checkpoints it is given
+    last = max(int(r["step"]) for r in rows)
+    assert R.main(["calibrate", "--out", out, "--device", "cpu", "--step-sizes", "1e-3,2e-3", "--llc-steps", "12",
+                   "--checkpoints", str(last)]) == 0
+    rows, record = read_csv(os.path.join(out, "calibration.csv")), json.load(open(os.path.join(out, "calibration.json")))
+    assert {(float(r["step_size"]), int(r["step"])) for r in rows} == {(1e-3, last), (2e-3, last)} and record["chain_steps"] == 12
+    for bad in (["--checkpoints", "3"], ["--step-sizes", "1e-3,x"], ["--step-sizes", "-1"], ["--llc-steps", "2"]):
+        capsys.readouterr()
+        assert R.main(["calibrate", "--out", out, "--device", "cpu"] + bad) == 2
+        assert _one_error_line(capsys).startswith("error: --"), bad
     assert R.main(["--runs", "0,7", "--out", str(tmp_path / "new")]) == 2
     assert "run 7 does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "new" / "config.json")          # refused before anything is written
@@ -2057,7 +2145,7 @@ def test_bad_output_folders_and_unused_flags_are_one_error_line(tmp_path, capsys
     assert R.main(["--out", str(a_file)]) == 2
     assert "is a file, not a folder" in _one_error_line(capsys)
     for argv, flag in ((["bench", "--runs", "0"], "--runs"), (["bench", "--full"], "--full"),
-                       (["calibrate", "--compile"], "--compile")):
+                       (["calibrate", "--compile"], "--compile"), (["--llc-steps", "10"], "--llc-steps")):
         assert R.main(argv + ["--out", str(tmp_path / "x")]) == 2
         line = _one_error_line(capsys)
         assert line.startswith("error:") and f"does not use {flag}" in line, line
@@ -2389,7 +2477,7 @@ def test_power_law_analysis_classes_heads_by_final_score_and_fits_their_curves(t
     score[:, 1, 0], corr[:, 1, 0] = 0.95 * u, -2 * t ** -0.3
     score[:, 1, 1], corr[:, 1, 1] = 0.9 - 0.85 * u, 0.1 * np.exp(0.02 * rng.standard_normal(len(t)))
     se = np.full_like(corr, 0.01)
-    heads = R.power_law_analysis({3: R.Metrics(steps, score, se, corr, se)}, str(tmp_path))
+    heads = R.power_law_analysis({3: R.Metrics(steps, score, se, corr, se, np.stack([corr, corr], 1))}, str(tmp_path))
     by_head = {(h["layer"], h["head"]): h for h in heads}
     assert {k: (h["class"], round(h["score"], 2)) for k, h in by_head.items()} == \
         {(0, 0): ("partial", 0.4), (0, 1): ("none", 0.0), (1, 0): ("true", 0.95), (1, 1): ("none", 0.05)}
