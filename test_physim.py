@@ -1944,10 +1944,12 @@ def test_interrupted_llc_estimate_resumes_from_its_saved_state(monkeypatch, tmp_
 
 def test_llc_heads_are_the_true_heads_then_a_partial_and_a_quiet_control():
     # Proves which heads the LLC stage samples: the n best true heads, the best partial head and the head
-    # nearest 0 (each once); with no true head, the best head stands in.
-    score = np.array([[0.9, 0.5, 0.01, 0.95], [0.4, -0.2, 0.85, 0.1]])
+    # of the best head's block nearest 0 (each once; not the block-1 head nearer 0); with no true head, the
+    # best head stands in.
+    score = np.array([[0.9, 0.5, 0.02, 0.95], [0.4, -0.01, 0.85, 0.1]])
     assert R.llc_heads(score, 2) == [(0, 3), (0, 0), (0, 1), (0, 2)]
     assert R.llc_heads(score, 8) == [(0, 3), (0, 0), (1, 2), (0, 1), (0, 2)]
+    assert R.llc_heads(score[::-1], 1) == [(1, 3), (1, 1), (1, 2)]
     assert R.llc_heads(np.array([[0.5, 0.02]]), 3) == [(0, 0), (0, 1)]
 
 
@@ -1968,6 +1970,16 @@ def test_llc_scope_formed_drops_true_heads_before_they_form_and_keeps_the_contro
                                                              [(0, 0), (0, 1), (0, 2), (0, 3)]]
     with pytest.raises(ValueError, match="LLC scope must be one of all, formed"):
         R.Preset(llc_scope="some")
+
+
+def test_a_folder_from_before_a_setting_existed_reads_it_at_its_default(tmp_path):
+    # Proves config.json written before Preset.llc_scope existed reads as the behaviour it had ("all"), and
+    # check_config accepts it for the same preset.
+    config = asdict(R.SCALED)
+    del config["llc_scope"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert R.preset_from_config(str(tmp_path)) == R.SCALED
+    R.check_config(R.SCALED, str(tmp_path))
 
 
 def test_eta_weighs_each_kind_of_work_by_its_own_cost():
