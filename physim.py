@@ -916,8 +916,9 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
                        f"({'; '.join(sorted({r['failed'] for r in worst if r['failed']}))[:300]}); it would take {' and '.join(hint)}")
 
 
-# The paper chose its power-law sections by eye. Here: c(t) drifts from one checkpoint to the next, so the
-# deviations of log|c| are modelled as AR(1), e_k = ρ e_{k−1} + noise, and fitted by generalised least squares:
+# The paper chose its power-law sections by eye. Here: c is measured on the same held-out states at every
+# checkpoint, so its errors are correlated from one checkpoint to the next; the errors of log|c| are modelled
+# as AR(1), e_k = ρ e_{k−1} + noise, and fitted by generalised least squares:
 # rows r_k − ρ r_{k−1} (Prais-Winsten, the first row scaled by sqrt(1 − ρ²)) have independent errors.
 
 def error_correlation(t, halves) -> float:

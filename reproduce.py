@@ -903,15 +903,15 @@ def plot_correlations(m: Metrics, path: str, run: int) -> None:
     save_figure(fig, path)
 
 def plot_attention(model: physim.ParticleTransformer, final_score: np.ndarray, preset: Preset,
-                   trajectory: torch.Tensor, path: str) -> None:
-    """Fig. 3: the attention (a line i -> j, opacity α_ij) of the best head, the best partial head (if any) and a
-    non-collision head, in free fall and settled."""
+                   trajectory: torch.Tensor, path: str, heads: list | None = None) -> None:
+    """Fig. 3: the attention (a line i -> j, opacity α_ij) of `heads` (default: the best head, the best partial head,
+    if any, and a non-collision head), in free fall and settled."""
     states = torch.stack([trajectory[30], trajectory[-1]])                  # free fall, settled
     with torch.no_grad():
         _, attn = model(states, return_attention=True)                    # (L, 2, H, N, N+1)
     flat, H = final_score.reshape(-1), final_score.shape[1]
     partial = [i for i in np.argsort(-flat) if physim.PARTIAL_HEAD_SCORE <= flat[i] < TRUE_HEAD][:1]
-    heads = [divmod(int(i), H) for i in [flat.argmax(), *partial, np.abs(flat).argmin()]]
+    heads = heads or [divmod(int(i), H) for i in [flat.argmax(), *partial, np.abs(flat).argmin()]]
     fig, axes = plt.subplots(2, len(heads), figsize=(6 * len(heads), 6.5), squeeze=False)
     for col, (l, h) in enumerate(heads):
         for row, name in enumerate(["free fall (t = 30)", f"settled (t = {preset.sim.n_steps})"]):
@@ -1246,6 +1246,7 @@ def write_report(out: str, device: str) -> dict:
     metrics = {r: read_metrics(run_dir(out, r)) for r in runs}
     # One unseen trajectory for the attention figures (the held-out set's seed; 16x cheaper than it): (T+1, N, 4)
     trajectory = physim.simulate_states(preset.sim, 1, seed=987_654_321, device=device)[0]
+    heads = power_law_analysis(metrics, out)
     final_rows, work = [], {}
     for run, m in metrics.items():
         final_rows += [{"run": run, "layer": l, "head": h, **{k: round(float(a[-1, l, h]), 4) for k, a in zip(
@@ -1256,6 +1257,11 @@ def write_report(out: str, device: str) -> dict:
         work[run] = {k: round(v, 1) for k, v in latest["history"].get("work_seconds", {}).items()}
         model = model_from_checkpoint(latest, device)
         plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_run{run}.png"))
+        decaying = [(h["layer"], h["head"]) for h in heads if h["run"] == run and h["class"] == "none" and h["end"]["follows"]]
+        if decaying:   # the other heads whose c follows a power law, beside the best head (§3.2's contrast)
+            best = divmod(int(m.score[-1].argmax()), m.score.shape[2])
+            plot_attention(model, m.score[-1], preset, trajectory, os.path.join(fig_dir, f"attention_others_run{run}.png"),
+                           [best] + decaying[:3])
         plot_score_histogram([m], preset.train, os.path.join(fig_dir, f"collision_scores_run{run}.png"), f"run {run}")
         plot_moving_particle(model, m.score[-1], preset, trajectory, fig_dir, run)
         animate_rollout(model, m.score[-1], preset, os.path.join(fig_dir, f"rollout_run{run}.gif"))
@@ -1268,7 +1274,6 @@ def write_report(out: str, device: str) -> dict:
     llc_rows = []
     for run, m in metrics.items():
         llc_rows += [{"run": run, **r} for r in plot_llc(run_dir(out, run), m, preset, fig_dir, run)]
-    heads = power_law_analysis(metrics, out)
     dropped = ("is_power_law", "verdict")
     table5 = [{**{k: h[k] for k in ("run", "layer", "head", "class")},
                **{k: v for k, v in asdict(p).items() if k not in dropped}}
@@ -1400,6 +1405,9 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         "the near end of its 95% interval), and |c| ± its bootstrap standard error at the end of training:\n",
         markdown_table(ends),
         images("heads_by_class"),
+        ("The attention of the heads without collision detection whose c follows a power law (up to 3 a run), "
+         "beside the best head:\n" + images("attention_others")) if any(f.startswith("attention_others") for f in figures)
+        else "",
         "\n**Table 5, ours**: every power-law regime of a collision head (the exponent's ± is the paper's iid 95% "
         "interval; the AR(1) columns and the p values of a curvature and an exponential term are diagnostics):\n",
         markdown_table(t5),
