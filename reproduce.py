@@ -113,11 +113,13 @@ SCALED = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=48, scaled_io
                 runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=4, llc_heads=3, llc_loss="mean")
 # The paper's late dynamics on a CPU (README: "The medium run"): Table 2's recipe and Table 3's physics on a slightly
 # wider scaled model (heads form by ~15 000 steps); LLC chains at ε = 8e-3 (MALA acceptance >= 0.9) of T = 1 600 (the
-# length the convergence verdicts asked for in a probe; `calibrate`'s verdict: docs/results.md), 12 checkpoints.
+# length the convergence verdicts asked for in a probe; `calibrate`'s verdict: docs/results.md), 12 checkpoints, each
+# true head from its emergence on (--llc-scope formed: about 45 min; all: about 71 min, docs/results.md).
 MEDIUM = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
                 train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
                 llc=LLCConfig(step_size=8e-3, batch_size=8, steps=1600, burn_in=800, chains=4),
-                runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=12, llc_heads=8, llc_loss="mean")
+                runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=12, llc_heads=8, llc_loss="mean",
+                llc_scope="formed")
 
 # --- Plumbing: the files of a results folder (written via a temporary name; a damaged one read back: one error) -------
 
