@@ -1322,7 +1322,7 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
     config_rows = [{"setting": f"{group}.{k}", "ours": v, "paper": full[group][k]} for group in
                    ("sim", "model", "train", "data", "llc") for k, v in ours[group].items() if v != full[group][k]]
     config_rows += [{"setting": k, "ours": ours[k], "paper": full[k]}
-                    for k in ("runs", "rollout_states", "llc_checkpoints", "llc_heads") if ours[k] != full[k]]
+                    for k in ("runs", "rollout_states", "llc_checkpoints", "llc_heads", "llc_scope") if ours[k] != full[k]]
 
     def count(c, r, l):
         return sum(x["class"] == c for x in final_rows if x["run"] == r and x["layer"] == l)
