@@ -978,6 +978,7 @@ class RegimeConfig:
     min_r2: float = 0.5        # a power law fits its piece with R² >= this (Table 5 keeps 0.525-0.982)
     min_exponent: float = 0.04  # ... with |α| >= this (Table 5's shallowest: -0.049) ...
     min_change: float = 0.05   # ... and |c| changing over it by >= this beyond its error (Table 5's least: 7 %)
+    max_exponent: float = 2.0  # a steeper piece is a jump of |c|, not a power law (Table 5's steepest: -0.846)
     exponential_p: float = 0.01  # end_of_development: an exponential decay fits significantly better at this level
 
 
@@ -990,7 +991,8 @@ class Regime(PowerLawFit):
     exponential_p: float = math.nan    # p of a term linear in t: small = not a pure power law
     change: float = math.nan           # |c(end)/c(start)| − 1 on the AR(1) line, and the bound of its 95 % interval
     change_bound: float = math.nan     # nearest 0 (of the same sign, or 0 where the interval holds 0)
-    is_power_law: bool = True          # a power-law regime (a row of Table 5) ...
+    changes: bool = True               # |c| changes over it beyond its fluctuations ...
+    is_power_law: bool = True          # ... as a power-law regime (a row of Table 5) ...
     verdict: str = "fitted"            # ... and why (not)
 
 
@@ -998,9 +1000,9 @@ def find_power_law_regimes(t, c, rho: float = 0.0, cfg: RegimeConfig = RegimeCon
     """Cut log|c| vs log t into straight pieces and say which are power-law regimes; rho from error_correlation.
     1. For k = 1 .. max_segments pieces (each >= min_points points spanning min_span in t), the cut with the
        least total whitened RSS (exact, by dynamic programming); k by BIC, n log(RSS/n) + 3k log n.
-    2. A piece is a power-law regime ("a good linear fit", §3.2) iff R² >= min_r2, |α| >= min_exponent and |c|
-       changes over it by >= min_change at the near end of its 95 % AR(1) interval. The breakpoints are the
-       transitions (Fig. 1)."""
+    2. c changes over a piece iff R² >= min_r2, |α| >= min_exponent and |c| changes by >= min_change at the
+       near end of its 95 % AR(1) interval; the piece is a power-law regime ("a good linear fit", §3.2) iff
+       also |α| <= max_exponent (steeper: a jump). The breakpoints are the transitions (Fig. 1)."""
     t, x, y = _log_log(t, c)
     n = len(x)
     if n < cfg.min_points:
@@ -1033,14 +1035,17 @@ def find_power_law_regimes(t, c, rho: float = 0.0, cfg: RegimeConfig = RegimeCon
         near = max(abs(piece.exponent_ar1) - piece.exponent_ar1_ci, 0.0) * math.copysign(1, piece.exponent_ar1)
         piece.change_bound = math.expm1(near * span)
         if piece.r2 < cfg.min_r2:
-            piece.is_power_law, piece.verdict = False, f"R² {piece.r2:.2f} < {cfg.min_r2}"
+            piece.changes, piece.verdict = False, f"R² {piece.r2:.2f} < {cfg.min_r2}"
         elif abs(piece.exponent_ar1) < cfg.min_exponent:
-            piece.is_power_law, piece.verdict = False, f"flat: |exponent| {abs(piece.exponent_ar1):.3f} < {cfg.min_exponent}"
+            piece.changes, piece.verdict = False, f"flat: |exponent| {abs(piece.exponent_ar1):.3f} < {cfg.min_exponent}"
         elif abs(piece.change_bound) < cfg.min_change:
-            piece.is_power_law, piece.verdict = False, (f"flat: |c| changes by {piece.change:+.0%}, by {piece.change_bound:+.0%} "
-                                                        f"at its 95% bound (< {cfg.min_change:.0%})")
+            piece.changes, piece.verdict = False, (f"flat: |c| changes by {piece.change:+.0%}, by {piece.change_bound:+.0%} "
+                                                   f"at its 95% bound (< {cfg.min_change:.0%})")
+        elif abs(piece.exponent_ar1) > cfg.max_exponent:
+            piece.verdict = f"a jump: |exponent| {abs(piece.exponent_ar1):.1f} > {cfg.max_exponent}"
         else:
             piece.verdict = "power law"
+        piece.is_power_law = piece.verdict == "power law"
         pieces.append(piece)
     return pieces
 
@@ -1048,15 +1053,18 @@ def find_power_law_regimes(t, c, rho: float = 0.0, cfg: RegimeConfig = RegimeCon
 def end_of_development(t, c, pieces: list[Regime], rho: float = 0.0, cfg: RegimeConfig = RegimeConfig()) -> dict:
     """§3.2: "at the end of its development (at the end of training or before the correlation function stops
     changing) the correlation function of a collision detection head evolves as a power law". The end of
-    development is the last power-law regime of find_power_law_regimes (later pieces are flat or noise). The
-    head follows a power law iff that piece decays and an exponential in t (Appendix A.1's convergence near a
-    non-degenerate minimum) does not fit the decaying stretch ending with it significantly better (AR(1) F test
-    at cfg.exponential_p). Returns {"piece", "follows", "why", "stretch_exponential_p"}."""
-    changing = [k for k, p in enumerate(pieces) if p.is_power_law]
+    development is the last piece of find_power_law_regimes over which c changes (later pieces are flat or noise).
+    The head follows a power law iff that piece is a decaying power-law regime and an exponential in t (Appendix
+    A.1's convergence near a non-degenerate minimum) does not fit the decaying stretch ending with it significantly
+    better (AR(1) F test at cfg.exponential_p). Returns {"piece", "follows", "why", "stretch_exponential_p"}."""
+    changing = [k for k, p in enumerate(pieces) if p.changes]
     if not changing:
         return {"piece": None, "follows": False, "why": "c never changes beyond its fluctuations", "stretch_exponential_p": math.nan}
     last = changing[-1]
     piece = pieces[last]
+    if not piece.is_power_law:
+        return {"piece": piece, "follows": False, "why": f"|c| jumps (exponent {piece.exponent:+.1f} over steps "
+                f"{piece.start:.0f}-{piece.end:.0f})", "stretch_exponential_p": math.nan}
     if piece.exponent >= 0:
         return {"piece": piece, "follows": False, "why": f"|c| rises (exponent {piece.exponent:+.2f})", "stretch_exponential_p": math.nan}
     first = last

@@ -1527,6 +1527,20 @@ def test_table5s_shallowest_and_shortest_sections_are_power_laws(row):
     assert found >= 0.9 * 32, found
 
 
+def test_a_jump_of_c_is_a_change_but_not_a_power_law():
+    # Proves max_exponent: |c| falling tenfold within a factor 1.3 in t (as t^-8.8), flat before and after, is
+    # the last change of c, and it is a jump, not a power law at the end of development; Table 5's steepest
+    # section (t^-0.846 over 4 397-5 609, run 2, head 1-1) and t^-1.9 over the same steps are power laws.
+    steps = STEPS[STEPS >= STEPS[-1] / 100]
+    for alpha, t0, t1, follows in ((math.log(0.1) / math.log(1.3), 20000, 26000, False), (-0.846, 4397, 5609, True),
+                                   (-1.9, 4397, 5609, True)):
+        lt = np.log(steps)
+        c = np.exp(alpha * (np.clip(lt, math.log(t0), math.log(t1)) - math.log(t0)) + 0.002 * np.random.default_rng(0).standard_normal(len(steps)))
+        end = P.end_of_development(steps, c, P.find_power_law_regimes(steps, c))
+        assert end["follows"] == follows and end["piece"].start <= t1 and end["piece"].end >= t0, (alpha, end["why"])
+        assert follows or end["why"].startswith("|c| jumps"), end["why"]
+
+
 def test_a_piece_is_a_power_law_only_above_the_stated_exponent_and_change():
     # Proves the two minimums of the definition at their thresholds, on exact lines (no noise) over steps
     # 1 000-64 000: |exponent| 0.041 is a power law and 0.039 is not (min_exponent 0.04); over 1 000-2 000,
