@@ -840,7 +840,8 @@ def truncated(r: LLCResult, steps: int, burn_in: int) -> LLCResult:
 
 
 def convergence(r: LLCResult) -> dict:
-    """Whether estimate r has equilibrated: split-R̂ and ESS of e_t after burn-in, λ̂ of the draws' first and
+    """Whether estimate r has equilibrated: split-R̂ and ESS of e_t after burn-in, λ̂'s Monte Carlo standard error
+    nβ·sd(e)/√ESS ("llc_mcse"), λ̂ of the draws' first and
     second half and their difference in standard errors (z), MALA's mean acceptance, every chain's health;
     "verdict": "equilibrated", or "not equilibrated: " and each reason."""
     B, nbeta = r.config.burn_in, r.config.nbeta
@@ -848,7 +849,8 @@ def convergence(r: LLCResult) -> dict:
     h = e.shape[1] // 2
     with np.errstate(all="ignore"):                                              # a diverged chain: nan, and a failed test
         halves = [(nbeta * z.mean(), nbeta * z.std() / math.sqrt(effective_sample_size(z))) for z in (e[:, :h], e[:, h:2 * h])]
-        out = {"rhat": split_rhat(e), "ess": effective_sample_size(e), "llc_first_half": float(halves[0][0]),
+        ess = effective_sample_size(e)
+        out = {"rhat": split_rhat(e), "ess": ess, "llc_mcse": float(nbeta * e.std() / math.sqrt(ess)), "llc_first_half": float(halves[0][0]),
                "llc_second_half": float(halves[1][0]), "drift_z": float((halves[1][0] - halves[0][0]) / math.hypot(halves[0][1], halves[1][1])),
                "acceptance": float(np.nanmean(r.acceptance[:, max(B, 1):].double().numpy()))}
     health = llc_health(r)
@@ -869,33 +871,38 @@ class Calibration:
     statement: str               # the selection, or what came closest and what it would take
 
 
-def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_sizes, nbetas=None, z: float = 2.0,
+def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_sizes, nbetas=None, alpha: float = 0.05,
                   on_cell=None) -> Calibration:
     """Appendix B.2.1 automated: where λ̂ stops depending on the sampler. Chains of 2T steps (T = cfg.steps) over a
     grid of ε (and nβ) at several models {name: module} and subsets; each gives λ̂ at (T, B) from its first T steps
     and at (2T, 2B). A cell passes where, at every model and subset, the (T, B) estimate is equilibrated
-    (convergence), doubling T moves λ̂ by at most z standard errors of the difference, and λ̂ at 2T exceeds its
-    value at the next smaller ε and 2T (as far along, if ε doubles along the grid) by at most as much. The
-    selection: the largest ε that passes (the fastest sampler), with T. on_cell(done, total) follows each cell."""
+    (convergence), doubling T moves λ̂ by at most z_d Monte Carlo standard errors (convergence's llc_mcse) of the
+    difference, and λ̂ at 2T exceeds its value at the next smaller ε and 2T by at most z_g of them; z_d and z_g
+    are Bonferroni's bounds on the cell's 2k tests (k model-subset pairs) at family-wise level alpha, so a sampler
+    that no longer depends on ε and T passes with probability >= 1 − alpha. The selection: the largest ε that
+    passes (the fastest sampler), with T. on_cell(done, total) follows each cell."""
     nbetas, step_sizes = [cfg.nbeta] if nbetas is None else list(nbetas), sorted(step_sizes)
     subsets = [subsets] if isinstance(subsets, dict) else list(subsets)
+    k = len(models) * len(subsets)
+    z_d, z_g = scipy.stats.norm.isf(alpha / (4 * k)), scipy.stats.norm.isf(alpha / (2 * k))   # two- and one-sided
     rows, cells = [], [(name, nb, eps) for name in models for nb in nbetas for eps in step_sizes]
     long = lambda eps, nb: LLCConfig(**{**cfg.__dict__, "step_size": eps, "nbeta": nb, "steps": 2 * cfg.steps, "burn_in": 2 * cfg.burn_in})
     for i, (name, nbeta, eps) in enumerate(cells):
-        for k, r2 in enumerate(estimate_llc(models[name], criterion, data, subsets, long(eps, nbeta))):
+        for j, r2 in enumerate(estimate_llc(models[name], criterion, data, subsets, long(eps, nbeta))):
             r = truncated(r2, cfg.steps, cfg.burn_in)
-            rows.append({"model": name, "step_size": eps, "nbeta": nbeta, "subset": k, "llc": r.llc, "llc_stderr": r.llc_stderr,
-                         "llc_2T": r2.llc, "llc_2T_stderr": r2.llc_stderr, **convergence(r),
-                         "doubling_z": (r2.llc - r.llc) / math.hypot(r.llc_stderr, r2.llc_stderr)})
+            c, mcse_2T = convergence(r), convergence(r2)["llc_mcse"]
+            rows.append({"model": name, "step_size": eps, "nbeta": nbeta, "subset": j, "llc": r.llc, "llc_stderr": r.llc_stderr,
+                         "llc_2T": r2.llc, "llc_2T_stderr": r2.llc_stderr, "llc_2T_mcse": mcse_2T, **c,
+                         "doubling_z": (r2.llc - r.llc) / math.hypot(c["llc_mcse"], mcse_2T)})
         if on_cell is not None:
             on_cell(i + 1, len(cells))
     for r in rows:
         below = [q for q in rows if (q["model"], q["nbeta"], q["subset"]) == (r["model"], r["nbeta"], r["subset"]) and q["step_size"] < r["step_size"]]
         q = max(below, key=lambda q: q["step_size"]) if below else None
-        r["growth_z"] = (r["llc_2T"] - q["llc_2T"]) / math.hypot(r["llc_2T_stderr"], q["llc_2T_stderr"]) if q else math.nan
+        r["growth_z"] = (r["llc_2T"] - q["llc_2T"]) / math.hypot(r["llc_2T_mcse"], q["llc_2T_mcse"]) if q else math.nan
         r["llc_over_smaller_step"] = r["llc_2T"] / q["llc_2T"] if q and q["llc_2T"] > 0 else math.nan
-        tests = [(r["verdict"] == "equilibrated", r["verdict"]), (abs(r["doubling_z"]) <= z, f"doubling T moves λ̂ {r['doubling_z']:+.1f} se"),
-                 (q is not None, "no smaller ε probed"), (q is None or r["growth_z"] <= z, f"λ̂ grows {r['growth_z']:+.1f} se from the next smaller ε")]
+        tests = [(r["verdict"] == "equilibrated", r["verdict"]), (abs(r["doubling_z"]) <= z_d, f"doubling T moves λ̂ {r['doubling_z']:+.1f} se"),
+                 (q is not None, "no smaller ε probed"), (q is None or r["growth_z"] <= z_g, f"λ̂ grows {r['growth_z']:+.1f} se from the next smaller ε")]
         failed = [message for ok, message in tests if not ok]
         r["passes"], r["failed"] = not failed, "; ".join(failed)
     cell_rows = lambda eps, nb: [r for r in rows if (r["step_size"], r["nbeta"]) == (eps, nb)]
@@ -903,8 +910,9 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
     if passing:
         eps, nbeta = max(passing, key=lambda f: (f[0], -nbetas.index(f[1])))
         return Calibration(rows, eps, nbeta, f"ε = {eps:g}, nβ = {nbeta:g}, T = {cfg.steps} (B = {cfg.burn_in}): the largest probed ε "
-                           f"at which, at all {len(models)} models and {len(subsets)} subsets, the chains equilibrate, doubling T "
-                           f"and halving ε move λ̂ by at most {z:g} standard errors")
+                           f"at which, at all {len(models)} models and {len(subsets)} subsets, the chains equilibrate, and doubling T "
+                           f"and halving ε move λ̂ by at most {z_d:.2f} and {z_g:.2f} standard errors (Bonferroni, {alpha:g} "
+                           f"over the cell's {2 * k} tests)")
     eps, nbeta = max(((e, n) for n in nbetas for e in step_sizes),      # closest: most passing pairs, fewest failed tests
                      key=lambda f: (sum(r["passes"] for r in cell_rows(*f)), -sum(r["failed"].count(";") + 1 for r in cell_rows(*f) if r["failed"]), f[0]))
     worst = cell_rows(eps, nbeta)
