@@ -614,9 +614,10 @@ def run_llc(preset: Preset, rdir: str, device: str, label: str, steps: list[int]
             continue
         heads = scoped_heads(preset, m, step)
         model, t0 = model_from_checkpoint(load_torch(weights_path(rdir, step)), device), time.time()
-        results, group = llc_of_heads(model, LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, min(group, len(heads)),
-                                      label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})",
-                                      state=path.removesuffix(".json"))
+        results, fitted = llc_of_heads(model, LLC_LOSSES[preset.llc_loss], data, heads, preset.llc, min(group, len(heads)),
+                                       label=f"{label} LLC at step {step} ({i + 1}/{len(chosen)})",
+                                       state=path.removesuffix(".json"))
+        group = min(group, fitted) if fitted < len(heads) else group   # smaller only where memory ran out
         thin = max(1, preset.llc.steps // 500)
         record = {"step": step, "seconds": round(time.time() - t0, 2), "trace_thinning": thin, "heads": [
             {"layer": l, "head": h, "llc": r.llc, "llc_stderr": r.llc_stderr, "chain_llc": r.chain_llc,

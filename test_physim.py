@@ -2375,6 +2375,24 @@ def test_time_limit_durations():
             R.parse_duration(bad)
 
 
+def test_run_llc_batches_all_heads_after_a_checkpoint_with_fewer(finished_tiny_run, tmp_path, monkeypatch):
+    # Proves run_llc batches every head of a checkpoint in one call even after a checkpoint that had fewer
+    # (--llc-scope formed estimates the controls alone before the heads form): only a lack of memory
+    # (llc_of_heads returning a smaller group) makes the later groups smaller.
+    import reproduce as R
+    preset, done = finished_tiny_run
+    out = str(tmp_path / "out")
+    shutil.copytree(done, out, ignore=shutil.ignore_patterns("llc", "llc.csv"))
+    heads = R.llc_heads(R.read_metrics(R.run_dir(out, 0)).score[-1], 4)
+    scoped = iter([heads[-1:], heads])
+    monkeypatch.setattr(R, "scoped_heads", lambda p, m, step: next(scoped))
+    calls, real = [], R.llc_of_heads
+    monkeypatch.setattr(R, "llc_of_heads", lambda model, criterion, data, heads, cfg, group, **k: (
+        calls.append((len(heads), group)) or real(model, criterion, data, heads, cfg, group, **k)))
+    R.run_llc(R.replace(preset, llc_heads=4), R.run_dir(out, 0), "cpu", label=None)
+    assert len(heads) > 1 and calls == [(1, 1), (len(heads), len(heads))], calls
+
+
 def test_llc_shards_into_one_folder_equal_one_call_and_resume(finished_tiny_run, tmp_path, capsys, monkeypatch):
     # Proves `--llc-shard I/N`: two shards into one trained folder make the LLC files of one call
     # (every estimate and llc.csv), and a shard interrupted after its first estimate is not redone.
