@@ -869,6 +869,7 @@ class Calibration:
     step_size: float | None
     nbeta: float | None
     statement: str               # the selection, or what came closest and what it would take
+    closest: tuple = ()          # (ε, nβ) of the selected cell, or of the closest where none passes
 
 
 def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_sizes, nbetas=None, alpha: float = 0.05,
@@ -912,7 +913,7 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
         return Calibration(rows, eps, nbeta, f"ε = {eps:g}, nβ = {nbeta:g}, T = {cfg.steps} (B = {cfg.burn_in}): the largest probed ε "
                            f"at which, at all {len(models)} models and {len(subsets)} subsets, the chains equilibrate, and doubling T "
                            f"and halving ε move λ̂ by at most {z_d:.2f} and {z_g:.2f} standard errors (Bonferroni, {alpha:g} "
-                           f"over the cell's {2 * k} tests)")
+                           f"over the cell's {2 * k} tests)", (eps, nbeta))
     eps, nbeta = max(((e, n) for n in nbetas for e in step_sizes),      # closest: most passing pairs, fewest failed tests
                      key=lambda f: (sum(r["passes"] for r in cell_rows(*f)), -sum(r["failed"].count(";") + 1 for r in cell_rows(*f) if r["failed"]), f[0]))
     worst = cell_rows(eps, nbeta)
@@ -921,7 +922,7 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
                               (("MALA", "unhealthy", "grows"), "a smaller ε"), (("no smaller",), "a grid reaching smaller ε")) if any(k in why for k in keys)]
     return Calibration(rows, None, None, f"no probed setting passes (ε in {step_sizes}, nβ in {nbetas}, T = {cfg.steps}); closest: "
                        f"ε = {eps:g}, nβ = {nbeta:g}, passing at {sum(r['passes'] for r in worst)} of {len(worst)} (model, subset) pairs "
-                       f"({'; '.join(sorted({r['failed'] for r in worst if r['failed']}))[:300]}); it would take {' and '.join(hint)}")
+                       f"({'; '.join(sorted({r['failed'] for r in worst if r['failed']}))[:300]}); it would take {' and '.join(hint)}", (eps, nbeta))
 
 
 # The paper chose its power-law sections by eye. Here: c is measured on the same held-out states at every

@@ -1215,7 +1215,7 @@ def plot_moving_particle(model: physim.ParticleTransformer, final_score: np.ndar
 
 def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: float, path: str) -> None:
     """λ̂ ± se against ε at T (solid) and 2T (dotted), a panel per probed checkpoint, a line per head; hollow where a
-    test fails; the selected ε dashed."""
+    test fails; the selected ε (or the closest, where none passes) dashed."""
     steps = sorted({r["step"] for r in rows})
     fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.4), squeeze=False)
     for ax, step in zip(axes[0], steps):
@@ -1226,8 +1226,7 @@ def calibration_figure(rows: list[dict], cal: physim.Calibration, preset_eps: fl
             for r in mine:
                 ax.errorbar(r["step_size"], r["llc"], yerr=r["llc_stderr"], color=f"C{i}", marker="o", ms=5,
                             mfc=f"C{i}" if r["passes"] else "white")
-        if cal.step_size is not None:
-            ax.axvline(cal.step_size, color="k", ls="--", lw=1, label="selected ε")
+        ax.axvline(cal.closest[0], color="k", ls="--", lw=1, label="selected ε" if cal.step_size else "closest ε (none passes)")
         ax.axvline(preset_eps, color="grey", ls=":", lw=1, label="the preset's ε")
         ax.set(xscale="log", xlabel="SGLD step size ε", ylabel="λ̂ (mean of chains)", title=f"step {step}")
         grid = sorted({r["step_size"] for r in rows})

@@ -1359,11 +1359,12 @@ def test_calibrate_llc_selects_where_lambda_stops_depending_on_the_sampler(float
                             P.LLCConfig(step_size=1e-3, nbeta=1000.0, steps=10, burn_in=5, chains=8), grid)
     assert (short.step_size, short.nbeta) == (None, None) and short.statement.startswith("no probed setting passes")
     assert "closest: ε = " in short.statement and "longer chains" in short.statement and not any(r["passes"] for r in short.rows)
+    assert f"closest: ε = {short.closest[0]:g}, nβ = {short.closest[1]:g}," in short.statement
     done = []
     long = P.calibrate_llc(model, _mean_criterion, DUMMY_DATA, {"w": None},
                            P.LLCConfig(step_size=1e-3, nbeta=1000.0, steps=1000, burn_in=250, chains=8), grid,
                            on_cell=lambda i, n: done.append((i, n)))
-    assert (long.step_size, long.nbeta) == (4e-3, 1000.0) and long.statement.startswith("ε = 0.004, nβ = 1000, T = 1000"), long.statement
+    assert (long.step_size, long.nbeta) == long.closest == (4e-3, 1000.0) and long.statement.startswith("ε = 0.004, nβ = 1000, T = 1000"), long.statement
     cell = {r["step_size"]: r for r in long.rows}
     P_ = 1.0 + 2 * 1000.0 * 0.05
     assert cell[4e-3]["llc"] == pytest.approx(1000 * 0.1 / (P_ * (1 - 4e-3 * P_ / 4)), abs=4 * cell[4e-3]["llc_stderr"])
