@@ -940,7 +940,8 @@ def smoothed(values: np.ndarray, width: int = LLC_SMOOTHING) -> np.ndarray:
     return np.array([w[np.isfinite(w)].mean() if np.isfinite(w).any() else np.nan for w in windows])
 
 def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> list[dict]:
-    """Fig. 1 (top) for every head with LLC estimates: |c(t)| ± se and the LLC; and its SGLD traces."""
+    """Fig. 1 (top) for every head with LLC estimates: |c(t)| ± se and the LLC; and its SGLD traces; then the LLC of
+    every head on one axis."""
     rows = read_csv_rows(os.path.join(rdir, "llc.csv"))
     with reading(os.path.join(rdir, "llc.csv")):
         for r in rows:
@@ -988,6 +989,20 @@ def plot_llc(rdir: str, m: Metrics, preset: Preset, fig_dir: str, run: int) -> l
         fig.suptitle(f"SGLD traces, run {run}, head {l}-{h}: L(w0) + L_m(w_t) - L_m(w0) per chain (minibatch noise "
                      "paired out); dotted = burn-in, dashed = L(w0), red = unhealthy", fontsize=8)
         save_figure(fig, os.path.join(fig_dir, f"llc_traces_run{run}_head{l}-{h}.png"), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4))                        # every LLC head on one axis: the controls' contrast
+    style = {"true": ("-", 1.2), "partial": ("--", 1.5), "none": (":", 2.0)}
+    for i, (l, h) in enumerate(sorted({(r["layer"], r["head"]) for r in rows}, key=lambda lh: -m.score[-1][lh])):
+        mine, kind = [r for r in rows if (r["layer"], r["head"]) == (l, h)], physim.head_class(m.score[-1, l, h])
+        color = "black" if kind == "none" else f"C{i}"
+        ax.plot([r["step"] for r in mine], [float(r["llc"]) for r in mine], color=color, ls=style[kind][0], lw=style[kind][1],
+                label=f"{l}-{h} ({kind if kind != 'none' else 'quiet'}, {m.score[-1, l, h]:.2f})")
+        for r in mine:
+            ax.errorbar(r["step"], float(r["llc"]), float(r["llc_stderr"]), color=color, marker="o", ms=3.5,
+                        mfc=color if r["equilibrated"] else "white")
+    ax.set(xscale="log", xlabel="training step t", ylabel="parameter-restricted LLC",
+           title=f"run {run}: the LLC of every LLC head (hollow: not equilibrated)")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, os.path.join(fig_dir, f"llc_heads_run{run}.png"))
     return rows
 
 def plot_energy(out: str, runs: list[int], preset: Preset, path: str) -> None:
@@ -1432,7 +1447,7 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
                          "R̂": f"{float(r['rhat']):.3f}", "ESS": f"{float(r['ess']):.0f}", "drift (se)": f"{float(r['drift_z']):+.1f}",
                          "MALA": f"{float(r['acceptance']):.2f}", "verdict": r["verdict"], "unhealthy chains": r["unhealthy"] or ""}
                         for r in llc_rows]),
-        images("correlation_run", "llc_run", "llc_traces"),
+        images("correlation_run", "llc_heads", "llc_run", "llc_traces"),
         "## Attention patterns (Fig. 3, Figs. 13-15)\n",
         images("attention_run", "moving_particle"),
         "## The model as a simulator (Appendix D.2, Fig. 7)\n",
