@@ -841,24 +841,33 @@ def check_claims(heads: list[dict], llc_rows: list[dict], sims: dict, runs: list
           "their LLC plateaus; most: more than half. " + show(both, "power_law_from", "llc_plateau_from") if both else
           "no collision head has both a power law and an LLC plateau (>= 2 equilibrated estimates)", "well before")
     # §3.3, Fig. 1 (bottom): a partial head becomes a true head, its exponent changing sharply at a breakpoint and
-    # its LLC moving to a higher plateau. Found as consecutive power-law pieces over which the class changes.
+    # its LLC moving to a higher plateau. Found as consecutive power-law pieces over which the class changes. The
+    # control: the quiet heads' LLC at the same checkpoints must rise less (else the rise is not the head's own).
     found = []
     for h in collision:
         laws = [p for p in h["pieces"] if p.is_power_law]
         score_at = lambda step: float(np.interp(step, h.get("t", [0.0]), h.get("score_t", [h["score"]])))
         for a, b in zip(laws, laws[1:]):
             if physim.PARTIAL_HEAD_SCORE <= score_at(a.end) < TRUE_HEAD <= score_at(b.end):
-                llc_a, llc_b = (estimates(h, p.start, p.end) for p in (a, b))
+                llc_a, llc_b = (dict(trusted_llc(llc_rows, h, p.start, p.end)) for p in (a, b))
+                rise = np.mean(list(llc_b.values())) - np.mean(list(llc_a.values())) if llc_a and llc_b else None
+                quiet = [(dict(trusted_llc(llc_rows, q, a.start, a.end)), dict(trusted_llc(llc_rows, q, b.start, b.end)))
+                         for q in others if q["run"] == h["run"]]
+                control = [np.mean([qb[s] for s in llc_b if s in qb]) - np.mean([qa[s] for s in llc_a if s in qa])
+                           for qa, qb in quiet if set(llc_a) & set(qa) and set(llc_b) & set(qb)]
                 found.append({"head": f"run {h['run']} {h['layer']}-{h['head']}", "at": b.start, "from": a.exponent, "to": b.exponent,
-                              "sharp": abs(b.exponent - a.exponent) > a.exponent_ci + b.exponent_ci,
-                              "higher": np.mean(llc_b) > np.mean(llc_a) if llc_a and llc_b else None})
+                              "sharp": abs(b.exponent - a.exponent) > a.exponent_ci + b.exponent_ci, "rise": rise,
+                              "control": max(control) if control else None,
+                              "higher": None if rise is None else rise > 0 and (not control or rise > max(control))})
     claim("A partial head becomes a true head at a breakpoint: the exponent changes sharply and the LLC rises to a higher "
           "plateau (§3.3, Fig. 1)", True, any(f["sharp"] and f["higher"] for f in found), any(f["sharp"] for f in found),
           (f"{len(found)} transitions found (a head partial at the end of one power-law piece and true at the end of the "
            "next): " + "; ".join(f"{f['head']} at step {f['at']:.0f}: t^{f['from']:+.2f} -> t^{f['to']:+.2f}"
                                  + ("" if f["sharp"] else " (not beyond the two 95 % intervals)")
-                                 + {None: ", LLC not measured on both sides (equilibrated)", True: ", LLC higher after",
-                                    False: ", LLC not higher after"}[f["higher"]] for f in found)) if found else
+                                 + (", LLC not measured on both sides (equilibrated)" if f["rise"] is None else
+                                    f", LLC {f['rise']:+.2f} after" + ("" if f["control"] is None else
+                                    f" against the quiet control's {f['control']:+.2f} at the same checkpoints")
+                                    + ("" if f["higher"] else ": not the head's own rise")) for f in found)) if found else
           "no head changes from partial to true between two power-law pieces", "shown in Fig. 1 (bottom)")
     return claims
 

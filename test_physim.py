@@ -2701,20 +2701,24 @@ def test_claim_power_law_before_the_llc_plateau():
     assert _verdicts(heads, [])[POWER_LAW_FIRST] == "not checkable"
 
 
-@pytest.mark.parametrize("exponents, after, expected", [
-    ((-0.8, -0.2), 4.0, "supported"),                 # sharp (0.6 > the two 0.01 intervals), LLC 2 -> 4
-    ((-0.8, -0.2), 1.0, "partly supported"),          # sharp, but the LLC falls
-    ((-0.30, -0.31), 4.0, "not supported"),           # a change of 0.01 within the intervals
+@pytest.mark.parametrize("exponents, after, quiet_after, expected", [
+    ((-0.8, -0.2), 4.0, None, "supported"),           # sharp (0.6 > the two 0.01 intervals), LLC 2 -> 4
+    ((-0.8, -0.2), 4.0, 3.0, "supported"),            # ... and the quiet control rises less (2 -> 3)
+    ((-0.8, -0.2), 4.0, 4.5, "partly supported"),     # ... but the control rises as much: not the head's own
+    ((-0.8, -0.2), 1.0, None, "partly supported"),    # sharp, but the LLC falls
+    ((-0.30, -0.31), 4.0, None, "not supported"),     # a change of 0.01 within the intervals
 ])
-def test_claim_transition_from_partial_to_true(exponents, after, expected):
+def test_claim_transition_from_partial_to_true(exponents, after, quiet_after, expected):
     # Proves §3.3's transition found automatically: a head partial at the end of one power-law piece (step
     # 2000, score 0.5) and true at the end of the next (3000, score 0.9), with the exponent's change beyond
-    # the sum of the two 95 % intervals and the equilibrated LLC higher in the second piece. A head that
-    # stays partial has no transition.
-    head = _developing(0, 600, *exponents, true_at=2500)
+    # the sum of the two 95 % intervals and the equilibrated LLC higher in the second piece, by more than a
+    # quiet head's LLC at the same checkpoints where one is measured. A head that stays partial has no transition.
+    head, quiet = _developing(0, 600, *exponents, true_at=2500), _head(0, 1, 5, "none")
     llc = _llc_at(0, (1200, 2.0), (1400, 2.0), (2200, after), (2400, after))
-    assert _verdicts([head], llc)[TRANSITION] == expected
-    assert _verdicts([_developing(0, 600, *exponents)], llc)[TRANSITION] == "not supported"
+    if quiet_after is not None:
+        llc += _llc_at(5, (1200, 2.0), (1400, 2.0), (2200, quiet_after), (2400, quiet_after))
+    assert _verdicts([head, quiet], llc)[TRANSITION] == expected
+    assert _verdicts([_developing(0, 600, *exponents), quiet], llc)[TRANSITION] == "not supported"
 
 
 @pytest.mark.parametrize("runs, expected", [
