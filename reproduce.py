@@ -2,7 +2,7 @@
 
     python reproduce.py                 # scaled-down run: one small model, a 2-core CPU, under 12 minutes
     python reproduce.py --full          # the paper's scale (Tables 1-4, five runs): wants a GPU
-    python reproduce.py --medium        # the paper's training recipe on a smaller model: about 2 hours on a 2-core CPU
+    python reproduce.py --medium        # the paper's training recipe on a smaller model: about 3 hours on a 2-core CPU
     python reproduce.py --full --runs 0,3   # only these runs (shards of one results folder)
     python reproduce.py --full --llc-shard 3/16 --time-limit 3h50m   # a job's share of the LLC stage
     python reproduce.py --report DIR    # rebuild every figure and table and DIR/REPORT.md, no training
@@ -1707,7 +1707,7 @@ def parse_args(argv):
     add("--full", action="store_true", help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
         "the scaled-down run that fits a 2-core CPU in 12 minutes")
     add("--medium", action="store_true", help="the paper's training recipe (Table 2) on a smaller model, one run: the "
-        "paper's dynamics in about 2 hours on a 2-core CPU (80 min of training, about 45 of LLC)")
+        "paper's dynamics in about 3 hours on a 2-core CPU (about 2 h of training, 58 min of LLC measured)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute: auto picks cuda when "
         "available (default: auto)")
     add("--seeds", type=int, default=None, metavar="N", help="N runs (seeds 0 ... N-1) instead of the preset's (1, or 5 "
