@@ -902,8 +902,8 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
         q = max(below, key=lambda q: q["step_size"]) if below else None
         r["growth_z"] = (r["llc_2T"] - q["llc_2T"]) / math.hypot(r["llc_2T_mcse"], q["llc_2T_mcse"]) if q else math.nan
         r["llc_over_smaller_step"] = r["llc_2T"] / q["llc_2T"] if q and q["llc_2T"] > 0 else math.nan
-        tests = [(r["verdict"] == "equilibrated", r["verdict"]), (abs(r["doubling_z"]) <= z_d, f"doubling T moves λ̂ {r['doubling_z']:+.1f} se"),
-                 (q is not None, "no smaller ε probed"), (q is None or r["growth_z"] <= z_g, f"λ̂ grows {r['growth_z']:+.1f} se from the next smaller ε")]
+        tests = [(r["verdict"] == "equilibrated", r["verdict"]), (abs(r["doubling_z"]) <= z_d, f"doubling T moves λ̂ {r['doubling_z']:+.2f} se (bound {z_d:.2f})"),
+                 (q is not None, "no smaller ε probed"), (q is None or r["growth_z"] <= z_g, f"λ̂ grows {r['growth_z']:+.2f} se from the next smaller ε (bound {z_g:.2f})")]
         failed = [message for ok, message in tests if not ok]
         r["passes"], r["failed"] = not failed, "; ".join(failed)
     cell_rows = lambda eps, nb: [r for r in rows if (r["step_size"], r["nbeta"]) == (eps, nb)]

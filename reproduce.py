@@ -1,6 +1,6 @@
 """Reproduce the paper's figures with physim.
 
-    python reproduce.py                 # scaled-down run: one small model, a 2-core CPU, under 12 minutes
+    python reproduce.py                 # scaled-down run: one small model, a 2-core CPU, 12-15 minutes
     python reproduce.py --full          # the paper's scale (Tables 1-4, five runs): wants a GPU
     python reproduce.py --medium        # the paper's training recipe on a smaller model: about 3 hours on a 2-core CPU
     python reproduce.py --full --runs 0,3   # only these runs (shards of one results folder)
@@ -103,7 +103,7 @@ class Preset:
         check(self.llc_scope in LLC_SCOPES, f"the LLC scope must be one of {', '.join(LLC_SCOPES)}, got {self.llc_scope!r}")
 
 FULL = Preset()
-# Scaled down so that one run forms its collision heads and is measured on a 2-core CPU in under 12 minutes (README):
+# Scaled down so that one run forms its collision heads and is measured on a 2-core CPU in 12-15 minutes (README):
 # Table 3's physics, a 90k-parameter model with scaled I/O, batch 16 at lr 2e-3 for 35 000 steps; short LLC chains
 # at ε = 4e-3 (the earlier calibration's; 2 of 20 estimates pass the verdicts: docs/results.md), for the 3 best true
 # heads, the best partial head and a quiet one, 4 checkpoints.
@@ -1705,7 +1705,7 @@ def parse_args(argv):
         "of the scaled and the --full run on this device (projection.csv); calibrate: probe the LLC's step size on a "
         "trained run in --out (calibration.csv, .json, .png)")
     add("--full", action="store_true", help="the paper's configuration (Tables 2-4, five runs of 64 000 steps); default is "
-        "the scaled-down run that fits a 2-core CPU in 12 minutes")
+        "the scaled-down run that fits a 2-core CPU in 12-15 minutes")
     add("--medium", action="store_true", help="the paper's training recipe (Table 2) on a smaller model, one run: the "
         "paper's dynamics in about 3 hours on a 2-core CPU (about 2 h of training, 58 min of LLC measured)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute: auto picks cuda when "
