@@ -876,42 +876,58 @@ def calibrate_llc(models: dict, criterion, data, subsets, cfg: LLCConfig, step_s
                   on_cell=None) -> Calibration:
     """Appendix B.2.1 automated: where λ̂ stops depending on the sampler. Chains of 2T steps (T = cfg.steps) over a
     grid of ε (and nβ) at several models {name: module} and subsets; each gives λ̂ at (T, B) from its first T steps
-    and at (2T, 2B). A cell passes where, at every model and subset, the (T, B) estimate is equilibrated
-    (convergence), doubling T moves λ̂ by at most z_d Monte Carlo standard errors (convergence's llc_mcse) of the
-    difference, and λ̂ at 2T exceeds its value at the next smaller ε and 2T by at most z_g of them; z_d and z_g
-    are Bonferroni's bounds on the cell's 2k tests (k model-subset pairs) at family-wise level alpha, so a sampler
-    that no longer depends on ε and T passes with probability >= 1 − alpha. The selection: the largest ε that
-    passes (the fastest sampler), with T. on_cell(done, total) follows each cell."""
+    and at (2T, 2B), with its convergence; select_sampler judges the rows. on_cell(done, total) follows each cell."""
     nbetas, step_sizes = [cfg.nbeta] if nbetas is None else list(nbetas), sorted(step_sizes)
     subsets = [subsets] if isinstance(subsets, dict) else list(subsets)
-    k = len(models) * len(subsets)
-    z_d, z_g = scipy.stats.norm.isf(alpha / (4 * k)), scipy.stats.norm.isf(alpha / (2 * k))   # two- and one-sided
     rows, cells = [], [(name, nb, eps) for name in models for nb in nbetas for eps in step_sizes]
     long = lambda eps, nb: LLCConfig(**{**cfg.__dict__, "step_size": eps, "nbeta": nb, "steps": 2 * cfg.steps, "burn_in": 2 * cfg.burn_in})
     for i, (name, nbeta, eps) in enumerate(cells):
         for j, r2 in enumerate(estimate_llc(models[name], criterion, data, subsets, long(eps, nbeta))):
             r = truncated(r2, cfg.steps, cfg.burn_in)
-            c, mcse_2T = convergence(r), convergence(r2)["llc_mcse"]
             rows.append({"model": name, "step_size": eps, "nbeta": nbeta, "subset": j, "llc": r.llc, "llc_stderr": r.llc_stderr,
-                         "llc_2T": r2.llc, "llc_2T_stderr": r2.llc_stderr, "llc_2T_mcse": mcse_2T, **c,
-                         "doubling_z": (r2.llc - r.llc) / math.hypot(c["llc_mcse"], mcse_2T)})
+                         "llc_2T": r2.llc, "llc_2T_stderr": r2.llc_stderr, "llc_2T_mcse": convergence(r2)["llc_mcse"], **convergence(r)})
         if on_cell is not None:
             on_cell(i + 1, len(cells))
+    return select_sampler(rows, cfg, alpha)
+
+
+def select_sampler(rows: list, cfg: LLCConfig, alpha: float = 0.05) -> Calibration:
+    """calibrate_llc's rule on its rows (or saved ones). A cell (ε, nβ) passes where, at every model and subset,
+    the (T, B) estimate is equilibrated, doubling T moves λ̂ by at most z_d standard errors of the difference,
+    and λ̂ at 2T exceeds its value at the next smaller ε and 2T by at most z_g of them. A standard error is
+    llc_mcse·√φ: φ, the cell's mean of (chains' se / llc_mcse)² over its 2k estimates (k model-subset pairs),
+    widens the ESS-based error to the chains' spread where a slow mode hides from the autocorrelation. z_d, z_g:
+    Student t (2k(C − 1) degrees of freedom) at Bonferroni's two- and one-sided levels for the cell's 2k tests,
+    so a sampler that no longer depends on ε and T passes with probability >= 1 − alpha. The selection: the
+    largest ε that passes (the fastest sampler), with T."""
+    step_sizes = sorted({r["step_size"] for r in rows})
+    nbetas = list(dict.fromkeys(r["nbeta"] for r in rows))
+    k = len({(r["model"], r["subset"]) for r in rows})
+    n_models, n_subsets = len({r["model"] for r in rows}), len({r["subset"] for r in rows})
+    df = 2 * k * (cfg.chains - 1) if cfg.chains > 1 else math.inf    # T's and 2T's spreads: disjoint draws where B = T/2
+    z_d, z_g = scipy.stats.t.isf(alpha / (4 * k), df), scipy.stats.t.isf(alpha / (2 * k), df)
+    cell_rows = lambda eps, nb: [r for r in rows if (r["step_size"], r["nbeta"]) == (eps, nb)]
+    for eps in step_sizes:
+        for nb in nbetas:
+            cell = cell_rows(eps, nb)
+            phi = 1.0 if cfg.chains == 1 else float(np.mean([(r[se] / r[mcse]) ** 2 for r in cell for se, mcse in (("llc_stderr", "llc_mcse"), ("llc_2T_stderr", "llc_2T_mcse"))]))
+            for r in cell:
+                r["dispersion"] = phi
+                r["doubling_z"] = (r["llc_2T"] - r["llc"]) / math.sqrt(phi * (r["llc_mcse"] ** 2 + r["llc_2T_mcse"] ** 2))
     for r in rows:
         below = [q for q in rows if (q["model"], q["nbeta"], q["subset"]) == (r["model"], r["nbeta"], r["subset"]) and q["step_size"] < r["step_size"]]
         q = max(below, key=lambda q: q["step_size"]) if below else None
-        r["growth_z"] = (r["llc_2T"] - q["llc_2T"]) / math.hypot(r["llc_2T_mcse"], q["llc_2T_mcse"]) if q else math.nan
+        r["growth_z"] = (r["llc_2T"] - q["llc_2T"]) / math.sqrt(r["dispersion"] * r["llc_2T_mcse"] ** 2 + q["dispersion"] * q["llc_2T_mcse"] ** 2) if q else math.nan
         r["llc_over_smaller_step"] = r["llc_2T"] / q["llc_2T"] if q and q["llc_2T"] > 0 else math.nan
         tests = [(r["verdict"] == "equilibrated", r["verdict"]), (abs(r["doubling_z"]) <= z_d, f"doubling T moves λ̂ {r['doubling_z']:+.2f} se (bound {z_d:.2f})"),
                  (q is not None, "no smaller ε probed"), (q is None or r["growth_z"] <= z_g, f"λ̂ grows {r['growth_z']:+.2f} se from the next smaller ε (bound {z_g:.2f})")]
         failed = [message for ok, message in tests if not ok]
         r["passes"], r["failed"] = not failed, "; ".join(failed)
-    cell_rows = lambda eps, nb: [r for r in rows if (r["step_size"], r["nbeta"]) == (eps, nb)]
     passing = [(eps, nb) for nb in nbetas for eps in step_sizes if all(r["passes"] for r in cell_rows(eps, nb))]
     if passing:
         eps, nbeta = max(passing, key=lambda f: (f[0], -nbetas.index(f[1])))
         return Calibration(rows, eps, nbeta, f"ε = {eps:g}, nβ = {nbeta:g}, T = {cfg.steps} (B = {cfg.burn_in}): the largest probed ε "
-                           f"at which, at all {len(models)} models and {len(subsets)} subsets, the chains equilibrate, and doubling T "
+                           f"at which, at all {n_models} models and {n_subsets} subsets, the chains equilibrate, and doubling T "
                            f"and halving ε move λ̂ by at most {z_d:.2f} and {z_g:.2f} standard errors (Bonferroni, {alpha:g} "
                            f"over the cell's {2 * k} tests)", (eps, nbeta))
     eps, nbeta = max(((e, n) for n in nbetas for e in step_sizes),      # closest: most passing pairs, fewest failed tests

@@ -692,12 +692,26 @@ def calibrate(out: str, device: str, step_sizes: list[float] | None = None, step
     print(file=sys.stderr)
     rows = [{"run": runs[0], "step": r["model"], "head": "{}-{}".format(*heads[r["subset"]]),
              **{k: v for k, v in r.items() if k not in ("model", "subset")}} for r in cal.rows]
+    write_calibration(out, preset, cfg, rows, cal)
+    return cal
+
+def write_calibration(out: str, preset: Preset, cfg: LLCConfig, rows: list[dict], cal: physim.Calibration) -> None:
     write_csv(os.path.join(out, "calibration.csv"), rows)
     write_json(os.path.join(out, "calibration.json"), {"step_size": cal.step_size, "nbeta": cal.nbeta,
                "statement": cal.statement, "preset_step_size": preset.llc.step_size, "chain_steps": cfg.steps,
                "burn_in": cfg.burn_in})
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     calibration_figure(rows, cal, preset.llc.step_size, os.path.join(out, "figures", "calibration.png"))
+
+def rejudge_calibration(out: str, preset: Preset) -> physim.Calibration:
+    """`--report`: physim.select_sampler (this code's rule) on the chains saved in out/calibration.csv."""
+    path, record = os.path.join(out, "calibration.csv"), read_json(os.path.join(out, "calibration.json"))
+    text, rows = {"run", "head", "verdict", "failed", "passes"}, read_csv_rows(path)
+    with reading(path):                                   # its T and B are in calibration.json
+        rows = [{k: v if k in text else int(v) if k == "step" else float(v) for k, v in r.items()} for r in rows]
+        cfg = LLCConfig(**{**asdict(preset.llc), "steps": record["chain_steps"], "burn_in": record["burn_in"]})
+    cal = physim.select_sampler([{**r, "model": r["step"], "subset": r["head"]} for r in rows], cfg)
+    write_calibration(out, preset, cfg, [{k: v for k, v in r.items() if k not in ("model", "subset")} for r in cal.rows], cal)
     return cal
 
 # --- The analysis: power laws, head classes and the paper's claims (§3, Appendix D.1) ---------------------------------
@@ -1269,6 +1283,8 @@ def write_report(out: str, device: str) -> dict:
     preset = preset_from_config(out)
     runs = finished_runs(out, preset)
     check(len(runs) > 0, f"{out} holds no finished run yet: nothing to report")
+    if os.path.exists(os.path.join(out, "calibration.csv")):       # `calibrate`'s chains, judged by this code's rule
+        rejudge_calibration(out, preset)
     os.makedirs(fig_dir := os.path.join(out, "figures"), exist_ok=True)
     metrics = {r: read_metrics(run_dir(out, r)) for r in runs}
     # One unseen trajectory for the attention figures (the held-out set's seed; 16x cheaper than it): (T+1, N, 4)
