@@ -113,8 +113,8 @@ SCALED = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=48, scaled_io
                 runs=1, rollout_states=8, rollout_steps=1000, llc_checkpoints=4, llc_heads=3, llc_loss="mean")
 # The paper's late dynamics on a CPU (README: "The medium run"): Table 2's recipe and Table 3's physics on a slightly
 # wider scaled model (heads form by ~15 000 steps); LLC chains at ε = 8e-3 of T = 1 600 (the cell `calibrate` selects
-# on the finished run: docs/results.md), 12 checkpoints, each
-# true head from its emergence on (--llc-scope formed: about 45 min; all: about 71 min, docs/results.md).
+# on the finished run: docs/results.md), 12 checkpoints, each true head from its emergence on (--llc-scope formed:
+# 44-58 min measured; all: about 71 min estimated, docs/results.md).
 MEDIUM = Preset(model=ModelConfig(n_blocks=3, n_heads=8, embed_dim=64, scaled_io=True),
                 train=TrainConfig(log_checkpoints=32, even_checkpoints=80),
                 llc=LLCConfig(step_size=8e-3, batch_size=8, steps=1600, burn_in=800, chains=4),
