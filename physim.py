@@ -856,7 +856,7 @@ def convergence(r: LLCResult) -> dict:
     health = llc_health(r)
     tests = [(out["rhat"] <= RHAT_MAX, f"split-R̂ {out['rhat']:.3f} > {RHAT_MAX}"), (out["ess"] >= ESS_MIN, f"ESS {out['ess']:.0f} < {ESS_MIN}"),
              (abs(out["drift_z"]) <= DRIFT_Z_MAX, f"λ̂ drifts {out['drift_z']:+.1f} se from the first half of the draws to the second"),
-             (out["acceptance"] >= ACCEPTANCE_MIN, f"MALA acceptance {out['acceptance']:.2f} < {ACCEPTANCE_MIN}"),
+             (out["acceptance"] >= ACCEPTANCE_MIN, f"MALA acceptance {np.floor(out['acceptance'] * 1000) / 1000:.3f} < {ACCEPTANCE_MIN}"),
              (health.count("healthy") == len(health), f"{len(health) - health.count('healthy')} of {len(health)} chains unhealthy")]
     reasons = [message for ok, message in tests if not ok]       # a nan fails its test
     return {**out, "verdict": "equilibrated" if not reasons else "not equilibrated: " + "; ".join(reasons)}

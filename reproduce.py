@@ -1470,7 +1470,7 @@ def write_markdown(out: str, preset: Preset, runs: list[int], final_rows, table5
         markdown_table([{"run": r["run"], "step": r["step"], "head": f"{r['layer']}-{r['head']}",
                          "LLC": f"{float(r['llc']):.3g} ± {float(r['llc_stderr']):.2g}",
                          "R̂": f"{float(r['rhat']):.3f}", "ESS": f"{float(r['ess']):.0f}", "drift (se)": f"{float(r['drift_z']):+.1f}",
-                         "MALA": f"{float(r['acceptance']):.2f}", "verdict": r["verdict"], "unhealthy chains": r["unhealthy"] or ""}
+                         "MALA": f"{np.floor(float(r['acceptance']) * 1000) / 1000:.3f}", "verdict": r["verdict"], "unhealthy chains": r["unhealthy"] or ""}
                         for r in llc_rows]),
         images("correlation_run", "llc_heads", "llc_run", "llc_traces"),
         "## Attention patterns (Fig. 3, Figs. 13-15)\n",

@@ -1340,7 +1340,9 @@ def test_convergence_verdict_passes_equilibrated_chains_and_fails_each_test():
     assert "split-R̂" in stuck["verdict"] and stuck["rhat"] > 1.3
     assert "ESS" in sticky["verdict"] and sticky["ess"] < 40
     assert "drifts" in drifting["verdict"] and drifting["drift_z"] > 3
-    assert too_big_a_step["verdict"] == "not equilibrated: MALA acceptance 0.80 < 0.9"
+    assert too_big_a_step["verdict"] == "not equilibrated: MALA acceptance 0.800 < 0.9"
+    just_under = P.convergence(_chains(good, acceptance=0.8996))               # shown rounded down: never "0.90 < 0.9"
+    assert just_under["verdict"] == "not equilibrated: MALA acceptance 0.899 < 0.9"
     assert too_hot["verdict"] == "not equilibrated: 4 of 4 chains unhealthy"
     diverged = P.convergence(_chains(np.full((4, 100), np.inf)))
     assert diverged["verdict"].startswith("not equilibrated") and math.isnan(diverged["ess"])
